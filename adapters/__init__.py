@@ -1,0 +1,1 @@
+"""EHR-side inbound adapters (files, FHIR HTTP, Kafka). Installed as ``esource.adapters``."""

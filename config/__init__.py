@@ -1,0 +1,1 @@
+"""Demo configuration (data). Installed as ``esource.builtin_config``."""

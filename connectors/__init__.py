@@ -1,0 +1,1 @@
+"""EDC-side outbound connectors. Installed as ``esource.connectors``."""

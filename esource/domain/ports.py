@@ -1,0 +1,125 @@
+"""Small interfaces the core defines and the outside implements (store, clock).
+
+The mapping engine needs two pieces of memory to keep its promises across messages: log repeat keys
+that are stable forever, and the date esource first saw an undated record. Both are ports so the dry
+run (in memory) and the service (database) share one engine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+from esource.domain.model import Discrepancy, Enrollment, ItemKey, SubjectTransaction
+
+
+class Clock(Protocol):
+    def now(self) -> dt.datetime:
+        """Current UTC time (timezone-aware)."""
+        ...
+
+
+class SystemClock:
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+
+class RepeatKeyAllocator(Protocol):
+    def key_for(self, study_oid: str, subject_key: str, form_oid: str, identity: str) -> int:
+        """The log repeat key (1, 2, 3 ...) of a source record: allocated in first-seen order, never reused."""
+        ...
+
+
+class FirstSeenRegistry(Protocol):
+    def first_seen(self, study_oid: str, subject_key: str, identity: str, today: dt.date) -> dt.date:
+        """The date esource first saw this source record (recorded as `today` on first call)."""
+        ...
+
+
+class InMemoryRepeatKeys:
+    """Dry-run allocator: first-seen order within one run."""
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[str, str, str], dict[str, int]] = {}
+
+    def key_for(self, study_oid: str, subject_key: str, form_oid: str, identity: str) -> int:
+        keys = self._keys.setdefault((study_oid, subject_key, form_oid), {})
+        if identity not in keys:
+            keys[identity] = len(keys) + 1
+        return keys[identity]
+
+
+class InMemoryFirstSeen:
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str, str], dt.date] = {}
+
+    def first_seen(self, study_oid: str, subject_key: str, identity: str, today: dt.date) -> dt.date:
+        return self._seen.setdefault((study_oid, subject_key, identity), today)
+
+
+@dataclass(frozen=True, slots=True)
+class SentItem:
+    """The last value sent for one item, and where it came from (the state the diff runs against)."""
+
+    key: ItemKey
+    value: str
+    source_identity: str
+    source_version: str
+    source_type: str
+    source_id: str | None
+    rule: str
+    frozen: bool = False  # set when its source was retracted (entered-in-error): a data manager decides
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFact:
+    """A source resource kept for a subject (minimal, no free text): what re-mapping runs over."""
+
+    identity: str
+    resource_type: str
+    resource_id: str | None
+    version: str
+    full_url: str | None
+    resource: dict
+    first_seen: dt.date
+
+
+class UnitOfWork(Protocol):
+    """One database transaction around a use case: facts, item state, discrepancies and the outbox
+    commit together or not at all."""
+
+    def __enter__(self) -> "UnitOfWork": ...
+    def __exit__(self, *exc: object) -> None: ...
+    def commit(self) -> None: ...
+    def rollback(self) -> None: ...
+
+    # enrollment
+    def find_enrollment(self, study_oid: str, identifiers: Iterable[tuple[str, str]]) -> Enrollment | None: ...
+    def add_enrollment(self, enrollment: Enrollment) -> None: ...
+    def enrollments(self, study_oid: str) -> list[Enrollment]: ...
+
+    # intake de-duplication
+    def seen_intake(self, intake_key: str) -> bool: ...
+    def mark_intake(self, intake_key: str) -> None: ...
+
+    # subject facts (source resources the map reads)
+    def upsert_fact(self, study_oid: str, subject_key: str, fact: StoredFact) -> bool: ...
+    def facts(self, study_oid: str, subject_key: str) -> list[StoredFact]: ...
+
+    # item state
+    def sent_items(self, study_oid: str, subject_key: str) -> dict[ItemKey, SentItem]: ...
+    def put_sent_item(self, item: SentItem) -> None: ...
+    def subject_known(self, study_oid: str, subject_key: str) -> bool: ...
+
+    # repeat keys and first-seen dates (the engine's memory)
+    repeat_keys: RepeatKeyAllocator
+    first_seen: FirstSeenRegistry
+
+    # discrepancies (upsert by Discrepancy.key; returns True when new)
+    def upsert_discrepancy(self, discrepancy: Discrepancy) -> bool: ...
+    def open_discrepancies(self, study_oid: str, subject_key: str | None = None) -> list[Discrepancy]: ...
+
+    # outbox: the ODM transaction written in the same database transaction as the state
+    def next_sequence(self, study_oid: str, subject_key: str) -> int: ...
+    def add_outbox(self, transaction: SubjectTransaction, odm: bytes) -> int: ...
