@@ -112,6 +112,7 @@ class DiscrepancyKind(StrEnum):
     POSSIBLE_ADVERSE_EVENT = "possible_adverse_event"
     UNKNOWN_GENDER = "unknown_gender"
     ENTERED_IN_ERROR = "entered_in_error"
+    PRIVACY_BLOCKED = "privacy_blocked"
     EDC_REJECTED = "edc_rejected"
     EDC_CONFLICT = "edc_conflict"
 

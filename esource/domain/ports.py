@@ -123,3 +123,40 @@ class UnitOfWork(Protocol):
     # outbox: the ODM transaction written in the same database transaction as the state
     def next_sequence(self, study_oid: str, subject_key: str) -> int: ...
     def add_outbox(self, transaction: SubjectTransaction, odm: bytes) -> int: ...
+
+
+# ---------------------------------------------------------------------- EDC side
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReceipt:
+    """What an EDC said about one transaction. `permanent` failures are not retried blindly: they become
+    an "EDC rejected" discrepancy carrying the vendor's own code and message."""
+
+    accepted: bool
+    reference: str | None = None  # the EDC's own reference (Rave ReferenceNumber, file name ...)
+    permanent: bool = False
+    code: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorCapabilities:
+    name: str
+    read_back: bool  # can read a subject's clinical data back (for de-duplication and conflicts)
+    idempotency_key: bool  # the protocol de-duplicates on a key we send
+    integer_repeat_keys: bool  # needs integer repeat keys (key map kept by the connector)
+
+
+class EdcConnector(Protocol):
+    """One per EDC (connectors/). The transaction key (study, subject, sequence) is what de-duplicates."""
+
+    def capabilities(self) -> ConnectorCapabilities: ...
+
+    def send(self, transaction: SubjectTransaction, odm: bytes) -> DeliveryReceipt:
+        """Deliver one ODM transaction. Raise for transient faults (retried); return a receipt otherwise."""
+        ...
+
+    def read_back(self, study_oid: str, subject_key: str) -> bytes | None:
+        """The subject's ClinicalData as the EDC holds it now (ODM), or None when not supported."""
+        ...

@@ -1,0 +1,140 @@
+"""Dry run (`esource map`): one patient's bundles -> ODM Snapshot or lineage JSON, keeping no state."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from esource.adapters.files import read_input_file
+from esource.domain.model import (
+    Enrollment,
+    ItemChange,
+    MappingResult,
+    SourceRef,
+    SourceResource,
+    SubjectTransaction,
+    TransactionType,
+)
+from esource.errors import EnrollmentError
+from esource.intake.parse import parse_fhir
+from esource.mapping.engine import MappingContext, MappingEngine
+from esource.odm.writer import write_clinical_data
+from esource.privacy import Pseudonymizer
+from esource.study.study import Study
+
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+
+
+@dataclass
+class DryRun:
+    enrollment: Enrollment
+    result: MappingResult
+    files: list[str] = field(default_factory=list)
+    resources_read: int = 0
+
+
+def adhoc_enrollment(study: Study, subject_key: str, site_oid: str, day1: dt.date, consent: dt.date | None = None,
+                     withdrawn: dt.date | None = None) -> Enrollment:
+    """Enroll a patient for a dry run, checked against the study like a real enrollment."""
+    import re
+
+    spec = study.spec.study
+    if spec.subject_key_pattern and not re.fullmatch(spec.subject_key_pattern, subject_key):
+        raise EnrollmentError(f"SubjectKey {subject_key!r} does not match the study's pattern {spec.subject_key_pattern}")
+    if site_oid not in spec.sites:
+        raise EnrollmentError(f"site {site_oid!r} is not a site of {spec.oid} ({', '.join(spec.sites)})")
+    consent = consent or day1 + dt.timedelta(days=spec.default_consent_offset_days)
+    if consent > day1:
+        raise EnrollmentError(f"consent ({consent}) is after Day 1 ({day1})")
+    if withdrawn is not None and withdrawn < consent:
+        raise EnrollmentError(f"withdrawal ({withdrawn}) is before consent ({consent})")
+    return Enrollment(spec.oid, subject_key, site_oid, (), consent, day1, withdrawn)
+
+
+def collect(files: Iterable[Path], *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[SourceResource], list[str], list[tuple[SourceRef | None, str]], int]:
+    """Read and parse every file (IntakeError for a file that is not FHIR at all). The same source
+    record in several files: the later file's version wins, as it would in the service."""
+    by_identity: dict[str, SourceResource] = {}
+    deletions: list[str] = []
+    problems: list[tuple[SourceRef | None, str]] = []
+    count = 0
+    for path in files:
+        parsed = parse_fhir(read_input_file(Path(path), max_bytes=max_bytes), str(path), max_bytes=max_bytes)
+        count += len(parsed.resources)
+        for res in parsed.resources:
+            by_identity.pop(res.ref.identity, None)
+            by_identity[res.ref.identity] = res
+        deletions.extend(parsed.deletions)
+        problems.extend((None, str(p)) for p in parsed.problems)
+    return list(by_identity.values()), deletions, problems, count
+
+
+def dry_run(study: Study, engine: MappingEngine, enrollment: Enrollment, files: list[Path], *,
+            today: dt.date | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> DryRun:
+    resources, deletions, problems, count = collect(files, max_bytes=max_bytes)
+    ctx = MappingContext(today=today or dt.datetime.now(dt.timezone.utc).date())
+    result = engine.map_subject(enrollment, resources, ctx, deletions=deletions, invalid_entries=problems)
+    return DryRun(enrollment, result, [str(f) for f in files], count)
+
+
+def snapshot_odm(study: Study, run: DryRun, pseudonymizer: Pseudonymizer, *, creation: dt.datetime | None = None) -> bytes:
+    creation = creation or dt.datetime.now(dt.timezone.utc)
+    tx = SubjectTransaction(
+        study_oid=study.oid, metadata_version_oid=study.metadata_version_oid,
+        subject_key=run.enrollment.subject_key, site_oid=run.enrollment.site_oid,
+        subject_transaction_type=None,
+        changes=[ItemChange(item, TransactionType.INSERT) for item in run.result.items],
+    )
+    file_oid = f"ESOURCE.DRYRUN.{study.oid}.{run.enrollment.subject_key}.{creation.strftime('%Y%m%dT%H%M%S')}"
+    return write_clinical_data([tx], file_type="Snapshot", file_oid=file_oid, creation=creation,
+                               pseudonymizer=pseudonymizer, metadata=study.metadata)
+
+
+def lineage(run: DryRun, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
+    """JSON lineage: exactly the ItemData of the ODM, plus what was not sent and why."""
+    items = []
+    for iv in run.result.items:
+        k = iv.key
+        items.append({
+            "study_event_oid": k.study_event_oid,
+            "study_event_repeat_key": k.study_event_repeat_key,
+            "form_oid": k.form_oid,
+            "item_group_oid": k.item_group_oid,
+            "item_group_repeat_key": k.item_group_repeat_key,
+            "item_oid": k.item_oid,
+            "value": iv.value,
+            "source": iv.source.outbound(),
+            "source_id": pseudonymizer.source_id(iv.source),
+            "rule": iv.rule,
+            "conversions": list(iv.conversions),
+        })
+    not_sent = [{
+        "reason": n.reason,
+        "source": n.source.outbound(),
+        "form_oid": n.form_oid,
+        "test": n.test_code,
+        "study_event_oid": n.study_event_oid,
+        "detail": n.detail,
+    } for n in run.result.not_sent]
+    discrepancies = [{
+        "kind": d.kind.value,
+        "severity": d.severity.value,
+        "message": d.message,
+        "item_oid": d.item_oid,
+        "study_event_oid": d.study_event_oid,
+        "form_oid": d.form_oid,
+        "item_group_repeat_key": d.item_group_repeat_key,
+        "held_value": d.held_value,
+        "source": d.source.outbound() if d.source else None,
+        "candidates": list(d.candidates),
+    } for d in run.result.discrepancies]
+    return {
+        "study_oid": run.enrollment.study_oid,
+        "subject_key": run.enrollment.subject_key,
+        "site_oid": run.enrollment.site_oid,
+        "items": items,
+        "not_sent": not_sent,
+        "discrepancies": discrepancies,
+    }

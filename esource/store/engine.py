@@ -1,0 +1,96 @@
+"""Engines for the two supported databases: SQLite (default, one file) and PostgreSQL (psycopg 3).
+
+SQLite transaction control. Python's sqlite3 module (3.11) opens transactions lazily, only before
+INSERT/UPDATE/DELETE, so a unit of work that reads `max(key)` and then inserts would read outside any
+transaction, and a deferred transaction that later wants to write fails with "database is locked"
+(SQLITE_BUSY_SNAPSHOT, which busy_timeout does not retry) when another writer committed meanwhile.
+So the driver's own transaction handling is switched off and the engine emits its own BEGIN:
+`BEGIN IMMEDIATE` for read-write units of work (the write lock is taken up front; concurrent writers
+queue on busy_timeout and every read inside the transaction is consistent with its writes), and
+`BEGIN DEFERRED` for read-only ones (readers run alongside the writer thanks to WAL). This is the
+SQLAlchemy-documented recipe for pysqlite; it also makes SAVEPOINT and transactional DDL work.
+
+PostgreSQL runs at its default READ COMMITTED isolation; races are settled by unique constraints
+(see `sqlalchemy_uow`). Read-only units of work run `SET TRANSACTION READ ONLY`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.pool import StaticPool
+
+from esource.store.errors import StoreError
+
+#: Execution option marking an engine (or connection) whose transactions only read.
+READ_ONLY_OPTION = "esource_read_only"
+
+DEFAULT_BUSY_TIMEOUT_MS = 30_000
+MIN_SQLITE = (3, 35)
+
+
+def make_engine(url: str | URL, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS, **engine_kwargs: Any) -> Engine:
+    """An engine for `sqlite:///path.db` or `postgresql+psycopg://...` (`postgresql://` is taken to
+    mean psycopg 3). Extra keyword arguments go to `sqlalchemy.create_engine` (e.g. `echo`,
+    `connect_args`, pool sizes).
+
+    SQLite connections get `journal_mode=WAL` (file databases), `synchronous=NORMAL` (durable at
+    checkpoints, safe with WAL), `foreign_keys=ON` and `busy_timeout` (wait for the writer instead of
+    failing at once). An in-memory SQLite database is shared by all users of the engine (one
+    connection): fine for tests, not for concurrency.
+    """
+    u = make_url(url)
+    backend = u.get_backend_name()
+    if backend == "postgresql":
+        if u.drivername == "postgresql":
+            u = u.set(drivername="postgresql+psycopg")
+        engine_kwargs.setdefault("pool_pre_ping", True)
+        engine = create_engine(u, **engine_kwargs)
+    elif backend == "sqlite":
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreError(
+                f"SQLite {sqlite3.sqlite_version} is too old: esource needs {'.'.join(map(str, MIN_SQLITE))} "
+                "or later (INSERT ... ON CONFLICT ... RETURNING)"
+            )
+        memory = u.database in (None, "", ":memory:") or (u.query.get("mode") == "memory")
+        if memory:
+            engine_kwargs.setdefault("poolclass", StaticPool)
+            connect_args = dict(engine_kwargs.pop("connect_args", {}))
+            connect_args.setdefault("check_same_thread", False)
+            engine_kwargs["connect_args"] = connect_args
+        engine = create_engine(u, **engine_kwargs)
+        _configure_sqlite(engine, busy_timeout_ms=busy_timeout_ms, wal=not memory)
+    else:
+        raise StoreError(
+            f"unsupported database {u.drivername!r}: esource stores data in SQLite (sqlite:///file.db) "
+            "or PostgreSQL (postgresql+psycopg://user@host/db)"
+        )
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        read_only = bool(conn.get_execution_options().get(READ_ONLY_OPTION, False))
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
+        elif read_only:
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+    return engine
+
+
+def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # Stop pysqlite from issuing BEGIN/COMMIT on its own: the "begin" listener does it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if wal:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()

@@ -1,0 +1,297 @@
+"""The store's tables (SQLAlchemy 2 declarative, typed).
+
+This module is the *model* of the schema; the database itself is only ever created and changed by
+the Alembic migrations in `esource/store/migrations/` (a test checks that the migrated schema equals
+this metadata). Change both together: edit a table here, then add a migration.
+
+Conventions
+- Every constraint and index has an explicit name, so migrations can refer to it on both databases.
+- Absent repeat keys are stored as '' (not NULL) in `item_state`, because a NULL never equals a NULL
+  in a unique constraint: ('SE.X', NULL) would otherwise be allowed twice. The unit of work maps
+  None <-> '' at its edge; an empty repeat key is not a valid ODM repeat key anyway.
+- Timestamps are timezone-aware UTC (`UTCDateTime`): `timestamptz` on PostgreSQL, naive UTC text on
+  SQLite, always returned with tzinfo=UTC. Naive datetimes are refused on the way in.
+- JSON columns use `sqlalchemy.JSON` (json on PostgreSQL, JSON text on SQLite).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Dialect,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+DISCREPANCY_STATUSES: tuple[str, ...] = ("open", "in_review", "resolved", "dismissed")
+OPEN_DISCREPANCY_STATUSES: tuple[str, ...] = ("open", "in_review")
+OUTBOX_STATUSES: tuple[str, ...] = ("pending", "sent", "acked", "rejected", "failed")
+
+# A safety net for constraints added later without a name; every constraint below is named explicitly.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _in_list(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC timestamp on both databases."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps timezone-aware UTC timestamps only")
+        value = value.astimezone(dt.timezone.utc)
+        if dialect.name == "sqlite":  # SQLite has no time zones: store naive UTC
+            value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class EnrollmentRow(Base):
+    """A subject enrolled in a study (one row per study + SubjectKey)."""
+
+    __tablename__ = "enrollment"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_enrollment"),
+        UniqueConstraint("study_oid", "subject_key", name="uq_enrollment_study_subject"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    study_oid: Mapped[str] = mapped_column(String)
+    subject_key: Mapped[str] = mapped_column(String)
+    site_oid: Mapped[str] = mapped_column(String)
+    consent_date: Mapped[dt.date] = mapped_column(Date)
+    day1: Mapped[dt.date] = mapped_column(Date)
+    withdrawal_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class EnrollmentIdentifierRow(Base):
+    """An EHR patient identifier (system + value) of an enrolled subject: unique within a study."""
+
+    __tablename__ = "enrollment_identifier"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_enrollment_identifier"),
+        UniqueConstraint("study_oid", "system", "value", name="uq_enrollment_identifier_study_system_value"),
+        ForeignKeyConstraint(
+            ["study_oid", "subject_key"],
+            ["enrollment.study_oid", "enrollment.subject_key"],
+            name="fk_enrollment_identifier_enrollment",
+            ondelete="CASCADE",
+        ),
+        Index("ix_enrollment_identifier_study_subject", "study_oid", "subject_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    study_oid: Mapped[str] = mapped_column(String)
+    system: Mapped[str] = mapped_column(String)
+    value: Mapped[str] = mapped_column(String)
+    subject_key: Mapped[str] = mapped_column(String)
+
+
+class IntakeRow(Base):
+    """An intake key already processed: a redelivered message with the same key changes nothing."""
+
+    __tablename__ = "intake"
+    __table_args__ = (PrimaryKeyConstraint("intake_key", name="pk_intake"),)
+
+    intake_key: Mapped[str] = mapped_column(String)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class SubjectFactRow(Base):
+    """The newest version of one source resource kept for a subject (what the map re-runs over)."""
+
+    __tablename__ = "subject_fact"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_subject_fact"),
+        UniqueConstraint("study_oid", "subject_key", "identity", name="uq_subject_fact_study_subject_identity"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    study_oid: Mapped[str] = mapped_column(String)
+    subject_key: Mapped[str] = mapped_column(String)
+    identity: Mapped[str] = mapped_column(String)
+    resource_type: Mapped[str] = mapped_column(String)
+    resource_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    version: Mapped[str] = mapped_column(String)
+    full_url: Mapped[str | None] = mapped_column(String, nullable=True)
+    resource: Mapped[dict[str, Any]] = mapped_column(JSON)
+    first_seen: Mapped[dt.date] = mapped_column(Date)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class ItemStateRow(Base):
+    """The last value sent for one ItemData cell (the state the diff runs against)."""
+
+    __tablename__ = "item_state"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_item_state"),
+        UniqueConstraint(
+            "study_oid",
+            "subject_key",
+            "study_event_oid",
+            "study_event_repeat_key",
+            "form_oid",
+            "item_group_oid",
+            "item_group_repeat_key",
+            "item_oid",
+            name="uq_item_state_item_key",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    study_oid: Mapped[str] = mapped_column(String)
+    subject_key: Mapped[str] = mapped_column(String)
+    study_event_oid: Mapped[str] = mapped_column(String)
+    study_event_repeat_key: Mapped[str] = mapped_column(String)  # '' when absent
+    form_oid: Mapped[str] = mapped_column(String)
+    item_group_oid: Mapped[str] = mapped_column(String)
+    item_group_repeat_key: Mapped[str] = mapped_column(String)  # '' when absent
+    item_oid: Mapped[str] = mapped_column(String)
+    value: Mapped[str] = mapped_column(Text)
+    source_identity: Mapped[str] = mapped_column(String)
+    source_version: Mapped[str] = mapped_column(String)
+    source_type: Mapped[str] = mapped_column(String)
+    source_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    rule: Mapped[str] = mapped_column(String)
+    frozen: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class RepeatKeyRow(Base):
+    """A log repeat key (1, 2, 3 ...) allocated to a source record: never changed, never reused."""
+
+    __tablename__ = "repeat_key"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_repeat_key"),
+        UniqueConstraint("study_oid", "subject_key", "form_oid", "identity", name="uq_repeat_key_identity"),
+        UniqueConstraint("study_oid", "subject_key", "form_oid", "repeat_key", name="uq_repeat_key_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    study_oid: Mapped[str] = mapped_column(String)
+    subject_key: Mapped[str] = mapped_column(String)
+    form_oid: Mapped[str] = mapped_column(String)
+    identity: Mapped[str] = mapped_column(String)
+    repeat_key: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class FirstSeenRow(Base):
+    """The date esource first saw a source record (for undated records)."""
+
+    __tablename__ = "first_seen"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_first_seen"),
+        UniqueConstraint("study_oid", "subject_key", "identity", name="uq_first_seen_study_subject_identity"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    study_oid: Mapped[str] = mapped_column(String)
+    subject_key: Mapped[str] = mapped_column(String)
+    identity: Mapped[str] = mapped_column(String)
+    first_seen: Mapped[dt.date] = mapped_column(Date)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class DiscrepancyRow(Base):
+    """A discrepancy, found again by its natural key (`Discrepancy.key`, JSON-encoded) on every re-run."""
+
+    __tablename__ = "discrepancy"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_discrepancy"),
+        UniqueConstraint("natural_key", name="uq_discrepancy_natural_key"),
+        CheckConstraint(_in_list("status", DISCREPANCY_STATUSES), name="ck_discrepancy_status"),
+        Index("ix_discrepancy_study_subject_status", "study_oid", "subject_key", "status"),
+        {"sqlite_autoincrement": True},  # ids are never reused, even after a delete
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    natural_key: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String)
+    severity: Mapped[str] = mapped_column(String)
+    status: Mapped[str] = mapped_column(String)
+    message: Mapped[str] = mapped_column(Text)
+    study_oid: Mapped[str] = mapped_column(String)
+    subject_key: Mapped[str] = mapped_column(String)
+    item_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    study_event_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    form_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    item_group_repeat_key: Mapped[str | None] = mapped_column(String, nullable=True)
+    source_identity: Mapped[str | None] = mapped_column(String, nullable=True)
+    source_type: Mapped[str | None] = mapped_column(String, nullable=True)
+    source_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    source_version: Mapped[str | None] = mapped_column(String, nullable=True)
+    source_full_url: Mapped[str | None] = mapped_column(String, nullable=True)
+    source_element: Mapped[str | None] = mapped_column(String, nullable=True)
+    held_value: Mapped[str | None] = mapped_column(Text, nullable=True)
+    candidates: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    rule: Mapped[str | None] = mapped_column(String, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class OutboxRow(Base):
+    """An ODM transaction for one subject, written in the same database transaction as the state."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_outbox"),
+        UniqueConstraint("study_oid", "subject_key", "sequence", name="uq_outbox_study_subject_sequence"),
+        CheckConstraint(_in_list("status", OUTBOX_STATUSES), name="ck_outbox_status"),
+        Index("ix_outbox_status_id", "status", "id"),
+        {"sqlite_autoincrement": True},  # ids are never reused, even after a delete
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    study_oid: Mapped[str] = mapped_column(String)
+    subject_key: Mapped[str] = mapped_column(String)
+    sequence: Mapped[int] = mapped_column(Integer)
+    site_oid: Mapped[str] = mapped_column(String)
+    odm: Mapped[bytes] = mapped_column(LargeBinary)
+    item_count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String)
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -1,0 +1,141 @@
+"""Engine settings: SQLite pragmas, PostgreSQL driver, UTC timestamps, read-only units of work."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+
+import pytest
+from sqlalchemy import select, text
+
+from esource.domain.model import Enrollment
+from esource.store import Store, StoreError, make_engine
+from esource.store.schema import IntakeRow
+
+
+def _enrollment(subject_key: str = "001-0001") -> Enrollment:
+    return Enrollment(
+        study_oid="CV01",
+        subject_key=subject_key,
+        site_oid="SITE.001",
+        identifiers=(("urn:mrn:a", f"MRN-{subject_key}"),),
+        consent_date=dt.date(2025, 1, 10),
+        day1=dt.date(2025, 1, 15),
+    )
+
+
+def test_sqlite_connections_use_wal_foreign_keys_and_a_busy_timeout(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'e.db'}", busy_timeout_ms=1234)
+    try:
+        with engine.connect() as conn:
+            pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
+            assert pragma("journal_mode") == "wal"
+            assert pragma("foreign_keys") == 1
+            assert pragma("busy_timeout") == 1234
+            assert pragma("synchronous") == 1  # NORMAL
+    finally:
+        engine.dispose()
+
+
+def test_postgresql_urls_use_psycopg_3():
+    engine = make_engine("postgresql://someone@localhost:5432/esource")
+    try:
+        assert engine.url.drivername == "postgresql+psycopg"
+        assert engine.dialect.driver == "psycopg"
+    finally:
+        engine.dispose()
+
+
+def test_other_databases_are_refused():
+    with pytest.raises(StoreError, match="SQLite"):
+        make_engine("mysql://someone@localhost/esource")
+
+
+def test_in_memory_sqlite_is_shared_by_units_of_work():
+    store = Store("sqlite://")
+    try:
+        with store.uow() as uow:
+            uow.add_enrollment(_enrollment())
+            uow.commit()
+        with store.uow() as uow:
+            assert [e.subject_key for e in uow.enrollments("CV01")] == ["001-0001"]
+    finally:
+        store.dispose()
+
+
+def test_timestamps_are_stored_as_utc_and_come_back_timezone_aware(store_url, clock):
+    paris = dt.timezone(dt.timedelta(hours=2))
+    clock.current = dt.datetime(2025, 6, 1, 12, 30, tzinfo=paris)
+    store = Store(store_url, clock=clock)
+    try:
+        with store.uow() as uow:
+            uow.mark_intake("k1")
+            uow.commit()
+        with store.uow(read_only=True) as uow:
+            received_at = uow.session.execute(select(IntakeRow.received_at)).scalar_one()
+            raw = uow.session.execute(text("SELECT received_at FROM intake")).scalar_one()
+        assert received_at == dt.datetime(2025, 6, 1, 10, 30, tzinfo=dt.timezone.utc)
+        assert received_at.tzinfo is dt.timezone.utc
+        if store.engine.dialect.name == "sqlite":  # stored as naive UTC text
+            assert str(raw).startswith("2025-06-01 10:30:00")
+        else:  # timestamptz: the same instant
+            assert raw == received_at
+    finally:
+        store.dispose()
+
+
+def test_a_naive_clock_is_refused(store_url):
+    class NaiveClock:
+        def now(self) -> dt.datetime:
+            return dt.datetime(2025, 6, 1, 12, 0)
+
+    store = Store(store_url, clock=NaiveClock())
+    try:
+        with store.uow() as uow, pytest.raises(StoreError, match="naive"):
+            uow.mark_intake("k1")
+    finally:
+        store.dispose()
+
+
+def test_read_only_units_of_work_refuse_writes(store):
+    with store.uow(read_only=True) as uow:
+        assert uow.enrollments("CV01") == []
+        if store.engine.dialect.name == "postgresql":  # the database enforces it too
+            assert uow.session.execute(text("SHOW transaction_read_only")).scalar_one() == "on"
+        with pytest.raises(StoreError, match="read-only"):
+            uow.add_enrollment(_enrollment())
+        with pytest.raises(StoreError, match="read-only"):
+            uow.repeat_keys.key_for("CV01", "001-0001", "F.MH", "x")
+
+
+def test_readers_are_not_blocked_by_an_open_writer(store):
+    """A writer holding its transaction open does not stop a read-only unit of work (WAL + BEGIN
+    DEFERRED on SQLite), and the reader does not see the uncommitted write."""
+    with store.uow() as uow:
+        uow.add_enrollment(_enrollment("001-0001"))
+        uow.commit()
+    writing = threading.Event()
+    release = threading.Event()
+
+    def writer() -> None:
+        with store.uow() as uow:
+            uow.add_enrollment(_enrollment("001-0002"))
+            writing.set()
+            release.wait(10)
+            uow.commit()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert writing.wait(10)
+        started = time.monotonic()
+        with store.uow(read_only=True) as uow:
+            seen = [e.subject_key for e in uow.enrollments("CV01")]
+        assert time.monotonic() - started < 3
+        assert seen == ["001-0001"]
+    finally:
+        release.set()
+        thread.join(10)
+    with store.uow(read_only=True) as uow:
+        assert [e.subject_key for e in uow.enrollments("CV01")] == ["001-0001", "001-0002"]
