@@ -93,8 +93,8 @@ class ReferenceResolver:
         if type(reference) is dict:
             target = None
             ref = reference.get("reference")
-            if type(ref) is str and ref:
-                target = self._resolve_str(ref, context)
+            if type(ref) is str and ref.strip():
+                target = self._resolve_str(ref.strip(), context)
             if target is None:
                 ident = reference.get("identifier")
                 if type(ident) is dict:
@@ -102,6 +102,7 @@ class ReferenceResolver:
                     target = self.by_identifier(ident.get("system"), ident.get("value"), rtype if type(rtype) is str else None)
             return target
         if type(reference) is str:
+            reference = reference.strip()
             return self._resolve_str(reference, context) if reference else None
         return None
 

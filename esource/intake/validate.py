@@ -1,25 +1,37 @@
 """Selective validation of FHIR resources with fhir.resources (R4B models, which read R4 JSON).
 
-Only what a study reads is validated: with `elements`, the resource is cut down to those top-level
-elements (plus `resourceType`, `id`, the model's required elements and required choice groups, and
-the `_element` primitive-extension twins) before the pydantic model sees it. The cost is then
-proportional to what the map reads, and an invalid element the study never reads (a Claim's
-billing code, a free-text note) cannot make a useful resource "invalid".
+Only what a study reads is validated. With `elements` (top-level element names the map reads, e.g.
+{"status", "code", "effectiveDateTime", "valueQuantity", "subject"}; ``value[x]``-style choice names
+are accepted), the resource is cut down to those elements plus `resourceType`, `id`, the model's
+required elements and required choice groups (present in the input), the whole choice group of any
+choice element named, and the ``_element`` primitive-extension twins. Required elements are always
+kept, so the restriction never invents a "missing" error; an element the study does not read (a
+free-text note, a Claim's billing code) can never make a resource invalid.
 
-What fhir.resources does and does not check, and what we add:
+Two validation paths, same findings (tests check they agree on the sample data):
 
-* types and formats of every element kept (decimal, dateTime, date, ... by FHIR regex, and calendar
-  validity: ``2020-02-30`` fails), unknown elements, cardinality (list vs object), required elements
-  (`Observation.code`, the required primitive `Observation.status`), exactly-one-of choice groups;
-* it does NOT check codes against required value sets (``status = "bogus"`` passes). We check the
-  required-binding codes of the kept top-level `code` elements: from the model's own complete
-  `enum_values`, plus our table where fhir.resources truncates the list (Observation.status,
-  DiagnosticReport.status, Encounter.status), and `Quantity.comparator` in Observation values.
+* ``elements=None``: the whole resource through the fhir.resources model (the reference behaviour).
+* with `elements`: each kept element is validated on its own with the model's own field type
+  (pydantic TypeAdapter of the R4B field annotation) and memoized per element value, so a Patient
+  reference or a LOINC code shared by hundreds of Observations is validated once; the model's
+  resource-level rules (unknown elements, required elements incl. the primitive-extension exception,
+  exactly-one-of choice groups, no null in arrays of complex elements) are applied here. This avoids
+  the per-resource fixed cost of fhir.resources model construction, which dominates for small
+  resources such as Synthea Observations.
+
+What fhir.resources checks, and what we add:
+
+* types and formats (decimal, dateTime, date... by FHIR regex, and calendar validity: ``2020-02-30``
+  fails), unknown elements, list vs object, required elements, choice groups;
+* it does NOT check codes against required value sets (``status = "bogus"`` passes): we check the
+  kept top-level `code` elements against the model's own complete `enum_values`, our table where
+  fhir.resources truncates the list (Observation.status, DiagnosticReport.status, Encounter.status),
+  and `Quantity.comparator` of Observation values;
 * it accepts a JSON string for a decimal (``"12.5"``); the mapping engine parses numbers itself.
 
-Results are memoized by (resource type, SHA-256 of the canonical JSON of the restricted copy) in a
-bounded LRU, so re-validating the same resource version (the same document received twice, or the
-same Observation read by several rules) is a dictionary hit. `clear_validation_cache()` empties it.
+Results are memoized by (resource type, SHA-256 of the canonical JSON of the (restricted) resource)
+in a bounded LRU (50k entries; element results in a second LRU of 200k), so re-validating the same
+resource version is a dictionary hit. `clear_validation_cache()` empties both (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -185,7 +197,7 @@ def _keep_keys(info: _ModelInfo, resource_type: str, elements: frozenset[str]) -
     if keep is None:
         names = set(info.always)
         for element in elements:
-            name = element[:-3] if element.endswith("[x]") else element
+            name = _top_level(element, resource_type)
             # a choice element brings its whole group: two values given at once must still be caught
             group = info.choice_groups.get(name) or info.choice_groups.get(info.member_group.get(name, ""), ())
             for alias in group:
@@ -195,6 +207,19 @@ def _keep_keys(info: _ModelInfo, resource_type: str, elements: frozenset[str]) -
         if len(_KEEP_CACHE) < 4096:
             _KEEP_CACHE[key] = keep
     return keep
+
+
+def _top_level(element: str, resource_type: str) -> str:
+    """The top-level element name of a map path: ``Observation.valueQuantity.value`` -> ``valueQuantity``,
+    ``component[0].code`` -> ``component``, ``value[x]`` -> ``value`` (a choice group)."""
+    parts = element.split(".")
+    if len(parts) > 1 and parts[0] == resource_type:
+        parts = parts[1:]
+    name = parts[0]
+    if name.endswith("[x]"):
+        return name[:-3]
+    bracket = name.find("[")
+    return name[:bracket] if bracket > 0 else name
 
 
 # --- LRU of results ----------------------------------------------------------------------------
@@ -344,7 +369,10 @@ def _validate_elements(info: _ModelInfo, rt: str, data: dict[str, Any]) -> list[
             continue  # as the model does: a null is an absent element (required ones are checked below)
         if key in info.complex_lists and type(value) is list and None in value:
             issues.append(ValidationIssue(f"{rt}.{key}", "null is not allowed in an array of elements"))
-        digest = _digest(value)
+        if type(value) is str and len(value) <= 256:
+            digest: Any = value  # short primitives key themselves: no dump, no hash
+        else:
+            digest = _digest(value)
         ekey = (rt, key, digest)
         cached = _ELEMENTS.get(ekey) if digest is not None else None
         if cached is None:

@@ -210,26 +210,38 @@ def diff_state(result: MappingResult, sent: dict[ItemKey, SentItem], pseudonymiz
     state: list[SentItem] = []
     extra: list[Discrepancy] = []
     produced = {iv.key: iv for iv in result.items}
+    # items sent from a retracted source are frozen; one discrepancy per frozen item group
+    frozen_groups: dict[tuple, list[tuple[SentItem, ItemValue | None]]] = {}
     for key, prev in sent.items():
         if prev.frozen or not _retracted(prev, result.retracted_sources):
             continue
-        proposal = produced.get(key)
-        ref = SourceRef(prev.source_type, prev.source_id, prev.source_version, prev.source_identity)
-        what = (f"the selection rule would now send {proposal.value!r}" if proposal and proposal.value != prev.value
-                else "the selection rule now has no other value" if proposal is None
-                else "the selection rule would keep the same value from another source")
-        extra.append(Discrepancy(
-            kind=DiscrepancyKind.ENTERED_IN_ERROR,
-            message=(f"{key.item_oid} at {key.study_event_oid}: the source of the sent value {prev.value!r} was marked "
-                     f"entered-in-error or deleted; the eCRF value is frozen and {what}. A data manager decides."),
-            study_oid=study_oid, subject_key=subject_key, source=ref, item_oid=key.item_oid,
-            study_event_oid=key.study_event_oid, form_oid=key.form_oid,
-            item_group_repeat_key=key.item_group_repeat_key,
-            held_value=proposal.value if proposal else None, severity=Severity.ERROR,
-            candidates=({"proposed_value": proposal.value, "source": proposal.source.outbound()},) if proposal else (),
-        ))
+        group = (key.study_event_oid, key.study_event_repeat_key, key.form_oid, key.item_group_oid,
+                 key.item_group_repeat_key, prev.source_identity)
+        frozen_groups.setdefault(group, []).append((prev, produced.get(key)))
         state.append(SentItem(prev.key, prev.value, prev.source_identity, prev.source_version, prev.source_type,
                               prev.source_id, prev.rule, frozen=True))
+    for (event, _erk, form, _ig, repeat, _identity), members in frozen_groups.items():
+        prev0 = members[0][0]
+        ref = SourceRef(prev0.source_type, prev0.source_id, prev0.source_version, prev0.source_identity)
+        proposals = [(p, iv) for p, iv in members if iv is not None and iv.value != p.value]
+        if proposals:
+            what = "the selection rule would now send " + ", ".join(
+                f"{p.key.item_oid}={iv.value!r}" for p, iv in proposals)
+        elif all(iv is None for _, iv in members):
+            what = "the selection rule now has no other value"
+        else:
+            what = "the selection rule would keep the same values from another source"
+        frozen_values = ", ".join(f"{p.key.item_oid}={p.value!r}" for p, _ in members)
+        extra.append(Discrepancy(
+            kind=DiscrepancyKind.ENTERED_IN_ERROR,
+            message=(f"{form} {repeat or ''} at {event}: the source of the sent values ({frozen_values}) was marked "
+                     f"entered-in-error or deleted; the eCRF values are frozen and {what}. A data manager decides."),
+            study_oid=study_oid, subject_key=subject_key, source=ref, item_oid=None,
+            study_event_oid=event, form_oid=form, item_group_repeat_key=repeat, severity=Severity.ERROR,
+            candidates=tuple({"item_oid": p.key.item_oid, "sent_value": p.value,
+                              "proposed_value": iv.value if iv else None,
+                              "proposed_source": iv.source.outbound() if iv else None} for p, iv in members),
+        ))
     frozen_now = {s.key for s in state}
     for key, iv in produced.items():
         prev = sent.get(key)

@@ -47,12 +47,28 @@ def test_too_large_is_checked_before_reading(tmp_path, monkeypatch):
     assert info.value.problem == "file of 2000 bytes exceeds the limit of 1000 bytes"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read anything")
-def test_unreadable(tmp_path):
+def test_unreadable(tmp_path, monkeypatch):
     path = tmp_path / "secret.json"
     path.write_bytes(b"{}")
-    path.chmod(0)
-    with pytest.raises(IntakeError, match="permission denied"):
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("builtins.open", denied)  # root can read anything: simulate the refusal
+    with pytest.raises(IntakeError) as info:
+        read_input_file(path, max_bytes=100)
+    assert str(info.value) == f"{path}: permission denied"
+
+
+def test_io_error_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "x.json"
+    path.write_bytes(b"{}")
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("builtins.open", broken)
+    with pytest.raises(IntakeError, match="cannot read file: Input/output error"):
         read_input_file(path, max_bytes=100)
 
 

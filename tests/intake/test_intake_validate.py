@@ -116,6 +116,13 @@ def test_choice_element_names():
     assert validate_resource(obs(), elements={"value[x]", "effective[x]"}) == []
 
 
+def test_element_names_may_be_paths():
+    bad = obs(valueQuantity={"value": "abc"})
+    for elements in ({"valueQuantity.value"}, {"Observation.valueQuantity"}, {"value[x]"}, {"component[0].code", "valueQuantity.unit"}):
+        assert [i.element for i in validate_resource(bad, elements=elements)] == ["Observation.valueQuantity.value"], elements
+    assert validate_resource(bad, elements={"effectiveDateTime"}) == []
+
+
 def test_primitive_extension_satisfies_required_status():
     res = obs(status=None, _status={"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}]})
     assert validate_resource(res) == []

@@ -1,4 +1,4 @@
-"""Store fixtures: every store test runs on SQLite (a temporary file) and, when
+"""Shared fixtures. Store tests run on SQLite (a temporary file) and, when
 ESOURCE_TEST_POSTGRES_DSN is set (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test), on
 PostgreSQL too, each test in a fresh schema (`esource_test_<random>`) dropped afterwards.
 
