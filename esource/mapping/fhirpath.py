@@ -29,6 +29,10 @@ def _fhirpathpy_selector(expression: str) -> Selector:
     if _r4_model is None:
         _r4_model = models["r4"]
     compiled = fhirpathpy.compile(expression, _r4_model)
+    try:  # some syntax errors (unclosed calls, wrong arity) only surface on evaluation
+        compiled({})
+    except Exception as exc:
+        raise ValueError(str(exc)) from None
 
     def run(node: Any) -> list[Any]:
         return list(compiled(node))

@@ -55,14 +55,14 @@ _ids = itertools.count(1)
 DROP = object()  # pass as a keyword value to remove an element from a built resource
 
 
-def day(n: int, time: str | None = None, d1: dt.date = DAY1) -> str:
-    """The date (or dateTime, when `time` is "HH:MM[:SS]") of study day `n`."""
+def day(n: int, time: str | None = None, d1: dt.date = DAY1, tz: str = "+01:00") -> str:
+    """The date (or dateTime, when `time` is "HH:MM[:SS]", with the zone `tz`) of study day `n`."""
     d = date_of_study_day(n, d1).isoformat()
     if time is None:
         return d
     if len(time) == 5:
         time += ":00"
-    return f"{d}T{time}"
+    return f"{d}T{time}{tz}"
 
 
 def _apply(res: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
