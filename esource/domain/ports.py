@@ -160,3 +160,10 @@ class EdcConnector(Protocol):
     def read_back(self, study_oid: str, subject_key: str) -> bytes | None:
         """The subject's ClinicalData as the EDC holds it now (ODM), or None when not supported."""
         ...
+
+
+class DeadLetterSink(Protocol):
+    """Where input that cannot be processed goes, with its reason and payload (nothing is lost)."""
+
+    def add_dead_letter(self, *, channel: str, intake_key: str, origin: str, reason: str, payload: bytes,
+                        received_at: dt.datetime) -> int: ...

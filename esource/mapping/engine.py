@@ -8,7 +8,7 @@ the state diff downstream decides what actually goes out.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
@@ -281,9 +281,17 @@ class _Run:
                 if status in spec.statuses.wait:
                     self.not_sent(f"status {status}: waiting for the final version", r.ref, form=r.form_oid, test=r.test)
                     continue
+                status_problem: Problem | None = None
                 if status not in spec.statuses.send:
-                    self.not_sent(f"status {status!r} is not sent", r.ref, form=r.form_oid, test=r.test)
-                    continue
+                    # a valid FHIR status that is not sent (cancelled, unknown): not a candidate. A status
+                    # that is not a valid code (or missing) makes the resource invalid: it takes part in
+                    # selection and, if selected, is held (selection rule 5), never silently skipped.
+                    issues = validate_resource(r.src.resource, elements=["status"])
+                    if not issues:
+                        self.not_sent(f"status {status!r} is not sent", r.ref, form=r.form_oid, test=r.test)
+                        continue
+                    status_problem = Problem(DiscrepancyKind.INVALID_SOURCE,
+                                             f"invalid FHIR: {issues[0].element}: {issues[0].message}")
                 if r.problem is not None:  # date present but invalid
                     self.disc(r.problem.kind, f"{r.test}: {r.problem.message}; the reading cannot be placed in a visit",
                               r.ref, item_oid=spec.items.get("result"), form=r.form_oid, repeat=r.test,
@@ -301,6 +309,8 @@ class _Run:
                     self.not_sent("dated after the subject's withdrawal", r.ref, form=r.form_oid, test=r.test,
                                   detail=r.when.iso_date())
                     continue
+                if status_problem is not None:
+                    r.problem, r.evaluated = status_problem, True
                 r.day = self.enr.study_day(r.date)
                 placed = False
                 for v in self.study.scheduled_visits(r.form_oid):
@@ -406,12 +416,15 @@ class _Run:
         return None
 
     def _onset(self, form: CompiledForm, src: SourceResource) -> tuple[FhirDateTime | None, str | None, bool]:
-        """(onset, the element it came from, whether it is the first-seen date)."""
+        """(onset, the element it came from, whether it is the first-seen date). An onset that is
+        written but is not a date gives (None, element, False): the resource is invalid, and the
+        first-seen date must not stand in for it."""
         value, path = form.selectors["onset"](src.resource)
         if value is not None:
             parsed = self.parse_date(value)
             if parsed is not None:
                 return parsed, path, False
+            return None, path, False
         seen = self.ctx.first_seen.first_seen(self.study.oid, self.enr.subject_key, src.ref.identity, self.ctx.today)
         return FhirDateTime(seen.year, seen.month, seen.day, None, False), "first seen by esource", True
 
@@ -446,11 +459,20 @@ class _Run:
                 if not cats and not spec.categories.accept_missing:
                     self.not_sent("Condition without a category", src.ref, form=form.oid)
                     continue
+            label = f"{rtype}/{src.id}" if src.id else rtype
             onset, onset_path, from_first_seen = self._onset(form, src)
+            problem = self.invalid_problem(src, spec.validate_elements)
+            if problem is None and onset is None:
+                problem = Problem(DiscrepancyKind.INVALID_SOURCE, f"{onset_path} is not a valid date")
+            if problem is not None:
+                self.disc(DiscrepancyKind.INVALID_SOURCE, f"{label}: {problem.message}; nothing was sent (neither "
+                          f"history nor a possible adverse event can be decided)", src.ref, form=form.oid,
+                          event=event, severity=Severity.ERROR)
+                self.not_sent("invalid source resource", src.ref, form=form.oid)
+                continue
             assert onset is not None
             term = (form.selectors["text"](res)[0] if "text" in form.selectors else None) or next(
                 (c.get("display") for c in codings if c.get("display")), None)
-            label = f"{rtype}/{src.id}" if src.id else rtype
             if onset.latest() >= self.enr.consent_date:
                 self.disc(DiscrepancyKind.POSSIBLE_ADVERSE_EVENT,
                           f"{term or label}: onset {onset.iso_date()} ({onset_path}) is on or after consent "
@@ -522,8 +544,17 @@ class _Run:
                                   form=form.oid)
                     continue
             start_raw, start_path = form.selectors["start"](res)
-            end_raw, _ = form.selectors["end"](res)
+            end_raw, end_path = form.selectors["end"](res)
             start, end = self.parse_date(start_raw), self.parse_date(end_raw)
+            problem = self.invalid_problem(src, spec.validate_elements)
+            if problem is None and (start_raw is not None and start is None or end_raw is not None and end is None):
+                problem = Problem(DiscrepancyKind.INVALID_SOURCE, f"{start_path if start is None and start_raw is not None else end_path} "
+                                  f"is not a valid date")
+            if problem is not None:
+                self.disc(DiscrepancyKind.INVALID_SOURCE, f"{label}: {problem.message}; nothing was sent", src.ref,
+                          form=form.oid, event=event, severity=Severity.ERROR)
+                self.not_sent("invalid source resource", src.ref, form=form.oid)
+                continue
             active = status in spec.statuses.active
             dated = start is not None or end is not None
             recent = (start is not None and start.latest() >= consent_cutoff) or (
@@ -684,6 +715,13 @@ class _Run:
         for iv in self.result.items:
             item = md.items.get(iv.key.item_oid)
             value = iv.value
+            erk = iv.key.study_event_repeat_key
+            if erk is not None and self.birth_date is not None:
+                # SE.UNSCHED repeat keys are dates: one equal to the birth date is masked like any date
+                masked_key = mask_if_birth_date(erk, self.birth_date)
+                if masked_key != erk:
+                    iv = ItemValue(replace(iv.key, study_event_repeat_key=masked_key), iv.value, iv.source, iv.rule,
+                                   iv.conversions + ("StudyEventRepeatKey equal to the birth date: YYYY-MM only",))
             if item is not None and item.data_type in _DATE_TYPES and self.birth_date is not None:
                 masked = mask_if_birth_date(value, self.birth_date)
                 if masked != value:

@@ -217,27 +217,41 @@ class FindingsMapper:
 
     def to_standard(self, value: Fraction, ucum: str, tdef: TestDef, code: str) -> tuple[Fraction | None, list[str]]:
         """Map conversions (analyte-specific, maybe code-specific) first, then identity, then UCUM,
-        then UCUM into a map conversion's source unit (e.g. mmol/L -> umol/L -> mg/dL)."""
+        then UCUM into a map conversion's source unit (e.g. mmol/L -> umol/L -> mg/dL).
+
+        A conversion restricted to some codes (urea by mass -> urea nitrogen) says what that analyte
+        *is*: for those codes it is reached through UCUM (g/L -> mg/dL -> × 0.4665) before a plain
+        UCUM conversion to the standard unit is tried, which would skip the analyte factor."""
         for conv in tdef.conversions:
             if conv.from_unit == ucum and (conv.codes is None or code in conv.codes):
                 out = value * Fraction(conv.multiply) / Fraction(conv.divide) + Fraction(conv.add)
                 return out, [self._describe(value, ucum, out, tdef.unit, conv)]
+        specific = self._via_ucum(value, ucum, tdef, [c for c in tdef.conversions
+                                                       if c.codes is not None and code in c.codes])
+        if specific is not None:
+            return specific
         if ucum == tdef.unit:
             return value, []
         c = self.converter.conversion(ucum, tdef.unit)
         if c is not None:
             out = convert(value, c)
             return out, [f"{fraction_str(value)} {ucum} -> {fraction_str(out)} {tdef.unit} (UCUM)"]
-        for conv in tdef.conversions:
-            if conv.codes is not None and code not in conv.codes:
-                continue
+        general = self._via_ucum(value, ucum, tdef, [c for c in tdef.conversions if c.codes is None])
+        if general is not None:
+            return general
+        return None, []
+
+    def _via_ucum(self, value: Fraction, ucum: str, tdef: TestDef,
+                  conversions: list[Any]) -> tuple[Fraction, list[str]] | None:
+        """UCUM into the source unit of the first of `conversions` that allows it, then that conversion."""
+        for conv in conversions:
             c = self.converter.conversion(ucum, conv.from_unit)
             if c is not None:
                 mid = convert(value, c)
                 out = mid * Fraction(conv.multiply) / Fraction(conv.divide) + Fraction(conv.add)
                 return out, [f"{fraction_str(value)} {ucum} -> {fraction_str(mid)} {conv.from_unit} (UCUM)",
                              self._describe(mid, conv.from_unit, out, tdef.unit, conv)]
-        return None, []
+        return None
 
     @staticmethod
     def _describe(value: Fraction, unit: str, out: Fraction, target: str, conv: Any) -> str:

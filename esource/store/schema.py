@@ -295,3 +295,30 @@ class OutboxRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+DEAD_LETTER_STATUSES: tuple[str, ...] = ("open", "reprocessed", "discarded")
+
+
+class DeadLetterRow(Base):
+    """An input that could not be processed (not FHIR, too large, ambiguous patient match ...): the
+    reason, and the payload kept inside the hospital so nothing is lost and it can be reprocessed."""
+
+    __tablename__ = "dead_letter"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_dead_letter"),
+        CheckConstraint(_in_list("status", DEAD_LETTER_STATUSES), name="ck_dead_letter_status"),
+        Index("ix_dead_letter_channel_id", "channel", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String)
+    intake_key: Mapped[str] = mapped_column(String)
+    origin: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    payload_size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

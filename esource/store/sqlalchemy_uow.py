@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Sequence, cast
 
-from sqlalchemy import Engine, Table, and_, exists, func, or_, select, update
+from sqlalchemy import Engine, Table, and_, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, CursorResult, make_url
 from sqlalchemy.exc import IntegrityError
@@ -52,6 +52,8 @@ from esource.store.schema import (
     DISCREPANCY_STATUSES,
     OPEN_DISCREPANCY_STATUSES,
     OUTBOX_STATUSES,
+    DEAD_LETTER_STATUSES,
+    DeadLetterRow,
     DiscrepancyRow,
     EnrollmentIdentifierRow,
     EnrollmentRow,
@@ -64,6 +66,7 @@ from esource.store.schema import (
 )
 
 __all__ = [
+    "DeadLetterEntry",
     "OutboxEntry",
     "SqlAlchemyUnitOfWork",
     "Store",
@@ -82,6 +85,7 @@ _repeat: Table = RepeatKeyRow.__table__  # type: ignore[assignment]
 _first_seen: Table = FirstSeenRow.__table__  # type: ignore[assignment]
 _discrepancy: Table = DiscrepancyRow.__table__  # type: ignore[assignment]
 _outbox: Table = OutboxRow.__table__  # type: ignore[assignment]
+_dead_letter: Table = DeadLetterRow.__table__  # type: ignore[assignment]
 
 _ITEM_KEY_COLUMNS = (
     "study_oid",
@@ -143,6 +147,18 @@ class OutboxEntry:
     created_at: dt.datetime
     sent_at: dt.datetime | None
     last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterEntry:
+    id: int
+    channel: str
+    intake_key: str
+    origin: str
+    reason: str
+    payload: bytes
+    status: str
+    received_at: dt.datetime
 
 
 class SqlRepeatKeys:
@@ -756,6 +772,37 @@ class SqlAlchemyUnitOfWork:
             )
             for row in session.execute(q)
         ]
+
+    # ------------------------------------------------------------------ dead letters
+
+    def add_dead_letter(self, *, channel: str, intake_key: str, origin: str, reason: str, payload: bytes,
+                        received_at: dt.datetime) -> int:
+        session = self._writable()
+        result = session.execute(insert(_dead_letter).values(
+            channel=channel, intake_key=intake_key, origin=origin, reason=reason, payload=payload,
+            payload_size=len(payload), status="open", received_at=received_at, created_at=self._now()))
+        return int(result.inserted_primary_key[0])
+
+    def dead_letters(self, *, channel: str | None = None, statuses: Iterable[str] | None = ("open",),
+                     limit: int | None = None) -> list[DeadLetterEntry]:
+        t = _dead_letter
+        q = select(t).order_by(t.c.id)
+        if channel is not None:
+            q = q.where(t.c.channel == channel)
+        if statuses is not None:
+            q = q.where(t.c.status.in_(list(statuses)))
+        if limit is not None:
+            q = q.limit(limit)
+        return [DeadLetterEntry(r.id, r.channel, r.intake_key, r.origin, r.reason, bytes(r.payload), r.status,
+                                r.received_at) for r in self._active().execute(q)]
+
+    def set_dead_letter_status(self, dead_letter_id: int, status: str) -> None:
+        if status not in DEAD_LETTER_STATUSES:
+            raise StoreError(f"unknown dead-letter status {status!r}: expected one of {', '.join(DEAD_LETTER_STATUSES)}")
+        done = self._writable().execute(update(_dead_letter).where(_dead_letter.c.id == dead_letter_id)
+                                        .values(status=status))
+        if done.rowcount != 1:
+            raise StoreError(f"no dead letter {dead_letter_id}")
 
     def set_outbox_status(
         self, outbox_id: int, status: str, *, error: str | None = None, attempted: bool = False

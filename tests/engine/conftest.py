@@ -103,6 +103,8 @@ def obs(code: str | None, value: Any, unit: Any, when: str | None, status: str =
     (id=..., meta=..., referenceRange=..., effectivePeriod=..., effectiveDateTime=DROP ...)."""
     res: dict[str, Any] = {"resourceType": "Observation", "id": f"obs-{next(_ids)}", "status": status,
                            "subject": {"reference": "Patient/pat-1"}}
+    if status is DROP:
+        del res["status"]
     if code is not None:
         res["code"] = cc(code)
     if value is not None or unit is not None:

@@ -210,3 +210,18 @@ def test_withdrawal_stops_later_data(processor, store, study):
     items = item_data(outbox(store)[0].odm)
     assert items[("SE.WEEK4", "HR", "IT.VS.VSORRES")][0] == "70"
     assert not any(k[1] == "SYSBP" for k in items)
+
+
+def test_dead_letters_keep_reason_and_payload(store):
+    from esource.services.ingest import Envelope, IngestService
+
+    svc = IngestService({}, store.uow)
+    bad = b'{"resourceType": "Observation", "status": "final"'  # truncated JSON
+    res = svc.ingest_bytes(bad, Envelope("http", "req-1", "POST /fhir (req-1)"))
+    assert not res.accepted and res.dead_letter_id is not None
+    assert "not JSON" in res.error or "JSON" in res.error
+    with store.uow(read_only=True) as uow:
+        (dl,) = uow.dead_letters()
+    assert dl.payload == bad and dl.channel == "http" and dl.intake_key == "http:req-1"
+    assert dl.reason == res.error
+    assert svc.metrics.dead_letters.labels("http")._value.get() == 1

@@ -21,6 +21,7 @@ MODEL_TABLES = {
     "first_seen",
     "discrepancy",
     "outbox",
+    "dead_letter",
 }
 
 
