@@ -216,6 +216,8 @@ class _Run:
         spec: SubjectForm = form.spec
         if not patients:
             return
+        # several Patient resources: the source named for a value must not depend on their order
+        patients = sorted(patients, key=lambda p: (p.ref.identity, p.ref.version))
         event = spec.event
         rule = f"{form.oid}"
         # birth year
@@ -395,8 +397,14 @@ class _Run:
                 self.not_sent("tied with the selected reading, same value: sent once", r.ref, form=form.oid,
                               test=test, event=visit.oid)
         for r in rest:
-            why = "closer to the target day" if isinstance(visit.target, int) else (
-                "later day" if visit.target == "latest" else "earlier reading on the same date")
+            if r.day == chosen.day:
+                why = ("a reading with a time comes before a date-only one" if chosen.when.time is not None
+                       and (r.when is None or r.when.time is None) else "earlier reading on the same date")
+            elif isinstance(visit.target, int):
+                why = ("closer to the target day" if abs(chosen.day - visit.target) < abs(r.day - visit.target)
+                       else "same distance to the target day: the earlier day")
+            else:
+                why = "later day" if visit.target == "latest" else "earlier day"
             self.not_sent(f"not selected for {visit.oid}: the reading of {when.iso_date()} was preferred ({why})",
                           r.ref, form=form.oid, test=test, event=visit.oid)
 
@@ -525,9 +533,19 @@ class _Run:
         event = spec.event
         consent_cutoff = self.enr.consent_date - dt.timedelta(days=spec.lookback_days)
         meds = [r for r in self.resources if r.resource_type in spec.resources]
+        no_info_systems = {u for k in spec.no_information.systems for u in self.study.uris(k)}
+        no_info_snomed = set(spec.no_information.snomed)
+        snomed = set(self.study.uris("snomed"))
+
+        def no_information(src: SourceResource) -> bool:
+            med = self.resolver.medication_of(src)
+            return any(c.get("system") in no_info_systems or (c.get("system") in snomed and c.get("code") in no_info_snomed)
+                       for c in self._codings(med))
+
         statement_codes: set[tuple[str, str]] = set()
         for src in meds:
-            if src.resource_type == "MedicationStatement":
+            # a retracted statement is no statement: it does not stand in for a request
+            if src.resource_type == "MedicationStatement" and src.resource.get("status") not in spec.statuses.retracted:
                 statement_codes.update(self._med_codes(src))
         for src in meds:
             res = src.resource
@@ -536,6 +554,9 @@ class _Run:
             if status in spec.statuses.retracted:
                 self.result.retracted_sources[src.ref.identity] = src.ref
                 self.not_sent(f"source marked {status}", src.ref, form=form.oid)
+                continue
+            if no_information(src):
+                self.not_sent("a 'no known / no information' entry: not a medication", src.ref, form=form.oid)
                 continue
             if src.resource_type == "MedicationRequest":
                 codes = self._med_codes(src)

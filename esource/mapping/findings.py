@@ -184,6 +184,11 @@ class FindingsMapper:
         if raw_value is None:
             r.problem = Problem(DiscrepancyKind.MISSING_VALUE, "valueQuantity has no value")
             return
+        if isinstance(raw_value, bool) or not isinstance(raw_value, (int, float)):
+            # FHIR JSON decimals are JSON numbers: a string ("120") is invalid, even when it looks numeric
+            r.problem = Problem(DiscrepancyKind.INVALID_SOURCE,
+                                f"valueQuantity.value is not a JSON number: {raw_value!r}")
+            return
         try:
             value = to_exact(raw_value)
         except (ValueError, TypeError):
@@ -327,7 +332,11 @@ def in_window(visit: Visit, day: int) -> bool:
 
 
 def selection_key(visit: Visit, r: Reading) -> tuple[Any, ...]:
-    """Closest day to the target (SE.SCREEN: the latest day), earlier day on ties, then time order."""
+    """Closest day to the target (SE.SCREEN: the latest day), earlier day on ties, then time order.
+
+    Readings still tied after that (rule 4) are ordered by source identity, version and element, so
+    which of several equal readings is named as the source (and which is "next") never depends on
+    the order the resources arrived in."""
     assert r.day is not None
     if visit.target == "latest":
         primary: Any = -r.day
@@ -337,4 +346,4 @@ def selection_key(visit: Visit, r: Reading) -> tuple[Any, ...]:
         primary = abs(r.day - visit.target)
     else:  # unscheduled: one date per repeat
         primary = 0
-    return (primary, r.day, r.time_key())
+    return (primary, r.day, r.time_key(), r.ref.identity, r.ref.version, r.ref.element or "")

@@ -33,6 +33,16 @@ class DryRun:
     result: MappingResult
     files: list[str] = field(default_factory=list)
     resources_read: int = 0
+    patient_ids: set[str] = field(default_factory=set)
+
+
+def _scrub_candidate(c: dict[str, Any], patient_ids: set[str], pseudonymizer: Pseudonymizer) -> dict[str, Any]:
+    rid = c.get("id")
+    if isinstance(rid, str) and any(pid in rid for pid in patient_ids):
+        c = dict(c)
+        c["id"] = pseudonymizer.reference(SourceRef(str(c.get("resourceType")), rid, str(c.get("versionId")), rid))
+        c["id_pseudonymised"] = True
+    return c
 
 
 def adhoc_enrollment(study: Study, subject_key: str, site_oid: str, day1: dt.date, consent: dt.date | None = None,
@@ -76,7 +86,8 @@ def dry_run(study: Study, engine: MappingEngine, enrollment: Enrollment, files: 
     resources, deletions, problems, count = collect(files, max_bytes=max_bytes)
     ctx = MappingContext(today=today or dt.datetime.now(dt.timezone.utc).date())
     result = engine.map_subject(enrollment, resources, ctx, deletions=deletions, invalid_entries=problems)
-    return DryRun(enrollment, result, [str(f) for f in files], count)
+    patient_ids = {r.id for r in resources if r.resource_type == "Patient" and r.id}
+    return DryRun(enrollment, result, [str(f) for f in files], count, patient_ids)
 
 
 def snapshot_odm(study: Study, run: DryRun, pseudonymizer: Pseudonymizer, *, creation: dt.datetime | None = None) -> bytes:
@@ -92,8 +103,20 @@ def snapshot_odm(study: Study, run: DryRun, pseudonymizer: Pseudonymizer, *, cre
                                pseudonymizer=pseudonymizer, metadata=study.metadata)
 
 
+def _outbound(ref: SourceRef, patient_ids: set[str], pseudonymizer: Pseudonymizer) -> dict[str, Any]:
+    """A source for the lineage export: a resource id that embeds the Patient's id (EHRs derive ids
+    from the MRN) is replaced by its pseudonymous reference — the Patient id never leaves."""
+    out = ref.outbound()
+    rid = out.get("id")
+    if isinstance(rid, str) and any(pid in rid for pid in patient_ids):
+        out["id"] = pseudonymizer.reference(ref)
+        out["id_pseudonymised"] = True
+    return out
+
+
 def lineage(run: DryRun, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
     """JSON lineage: exactly the ItemData of the ODM, plus what was not sent and why."""
+    patient_ids = {pid for pid in run.patient_ids if len(pid) >= 3}
     items = []
     for iv in run.result.items:
         k = iv.key
@@ -105,14 +128,14 @@ def lineage(run: DryRun, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
             "item_group_repeat_key": k.item_group_repeat_key,
             "item_oid": k.item_oid,
             "value": iv.value,
-            "source": iv.source.outbound(),
+            "source": _outbound(iv.source, patient_ids, pseudonymizer),
             "source_id": pseudonymizer.source_id(iv.source),
             "rule": iv.rule,
             "conversions": list(iv.conversions),
         })
     not_sent = [{
         "reason": n.reason,
-        "source": n.source.outbound(),
+        "source": _outbound(n.source, patient_ids, pseudonymizer),
         "form_oid": n.form_oid,
         "test": n.test_code,
         "study_event_oid": n.study_event_oid,
@@ -127,8 +150,8 @@ def lineage(run: DryRun, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
         "form_oid": d.form_oid,
         "item_group_repeat_key": d.item_group_repeat_key,
         "held_value": d.held_value,
-        "source": d.source.outbound() if d.source else None,
-        "candidates": list(d.candidates),
+        "source": _outbound(d.source, patient_ids, pseudonymizer) if d.source else None,
+        "candidates": [_scrub_candidate(c, patient_ids, pseudonymizer) for c in d.candidates],
     } for d in run.result.discrepancies]
     return {
         "study_oid": run.enrollment.study_oid,

@@ -217,6 +217,7 @@ class MedicationsForm(_FormBase):
     resources: list[Literal["MedicationStatement", "MedicationRequest"]]
     event: str
     statuses: MedStatuses
+    no_information: NoInformation = Field(default_factory=NoInformation)
     code_preference: list[str]
     code_system_names: dict[str, str]
     lookback_days: int = Field(default=30, ge=0)

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from conftest import (GLUC, HR, SYSBP, TEMP, UCUM, DROP, condition, day, group, items, kinds, med_statement, obs,
+from engine_helpers import (GLUC, HR, SYSBP, TEMP, UCUM, DROP, condition, day, group, items, kinds, med_statement, obs,
                       vs)
 from esource.mapping.engine import MappingContext
 
@@ -168,7 +168,7 @@ def test_entered_in_error_goes_to_retracted_sources(run):
 
 
 def test_a_deleted_source_goes_to_retracted_sources(engine):
-    from conftest import enrollment
+    from engine_helpers import enrollment
     res = engine.map_subject(enrollment(), [], MappingContext(), deletions=["Observation/obs-x"])
     assert list(res.retracted_sources) == ["Observation/obs-x"]
 
@@ -253,3 +253,10 @@ def test_temp_is_checked_after_conversion(run):
     res = run([o])
     assert res.items == [] and kinds(res) == ["out_of_range"]
     assert res.discrepancies[0].held_value == "44.4"
+
+
+def test_undated_condition_learnt_after_withdrawal_is_still_a_possible_adverse_event(run):
+    c = condition(onset=None)
+    res = run([c], withdrawn=WITHDRAWN, today=WITHDRAWN + dt.timedelta(days=3))
+    assert res.items == []
+    assert kinds(res) == ["possible_adverse_event"]

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from conftest import (ATC, CONSENT, EDQM, RXNORM, SNOMED, UCUM, V3_ROUTE, V3_TIMING, group, items, kinds,
+from engine_helpers import (ATC, CONSENT, EDQM, RXNORM, SNOMED, UCUM, V3_ROUTE, V3_TIMING, group, items, kinds,
                       med_request, med_statement)
 from esource.mapping.engine import MappingContext
 
@@ -251,3 +251,19 @@ def test_cm_repeat_keys_are_stable_across_versions(run):
     res = run([b, a2], ctx=ctx)
     assert cm(res, "1")["IT.CM.CMDOSE"] == "1000"
     assert cm(res, "2")["IT.CM.CMTRT"] == "ramipril"
+
+
+@pytest.mark.parametrize("code", ["no-known-medications", "no-medication-info"])
+def test_cm_no_known_medications_is_not_a_medication(run, code):
+    from engine_helpers import IPS_ABSENT
+    res = run([med_statement(code=code, display="No known medications", system=IPS_ABSENT, status="active")])
+    assert res.items == [] and res.discrepancies == []
+    assert [n.reason for n in res.not_sent] == ["a 'no known / no information' entry: not a medication"]
+
+
+def test_cm_an_entered_in_error_statement_does_not_hide_the_request(run):
+    st = med_statement(code="A10BA02", status="entered-in-error")
+    req = med_request(code="A10BA02", authored="2023-12-01", dose=1000)
+    res = run([st, req])
+    assert cm(res)["IT.CM.CMDOSE"] == "1000"
+    assert [iv.source.id for iv in res.items if iv.key.item_oid == "IT.CM.CMTRT"] == [req["id"]]

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from conftest import (CONSENT, ICD10, ICD10CM, IPS_ABSENT, SNOMED, allergy, cc, condition, day, group, items, kinds,
+from engine_helpers import (CONSENT, ICD10, ICD10CM, IPS_ABSENT, SNOMED, allergy, cc, condition, day, group, items, kinds,
                       med_statement, obs, patient)
 from esource.mapping.engine import MappingContext
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (GLUC, HR, SYSBP, TEMP, UCUM, V3_INTERP, cc, day, group, items, kinds, obs, vs)
+from engine_helpers import (GLUC, HR, SYSBP, TEMP, UCUM, V3_INTERP, cc, day, group, items, kinds, obs, vs)
 
 RANGE_MEANING = "http://terminology.hl7.org/CodeSystem/referencerange-meaning"
 
@@ -269,3 +269,25 @@ def test_vs_never_gets_range_items(run):
     res = run([obs(HR, 70, "/min", day(1), referenceRange=[rng(60, 100, unit="/min")], interpretation=[cc("N", V3_INTERP)])])
     assert set(baseline(res, "HR")) == {"IT.VS.VSTESTCD", "IT.VS.VSORRES", "IT.VS.VSORRESU", "IT.VS.VSDAT"}
     assert len(items(res)) == 4
+
+
+def test_ucum_system_without_a_code_falls_back_to_the_unit_text(run):
+    q = {"value": 120, "unit": "mmHg", "system": UCUM}
+    assert baseline(run([obs(SYSBP, None, None, day(1), valueQuantity=q)]), "SYSBP")["IT.VS.VSORRES"] == "120"
+
+
+@pytest.mark.parametrize("code,unit,low,high,decimals,test", [
+    ("4548-4", "%", 3, 20, 1, "HBA1C"), (GLUC, "mg/dL", 10, 1500, 0, "GLUC"), ("2160-0", "mg/dL", 0.1, 20, 2, "CREAT"),
+    ("1742-6", "U/L", 0, 5000, 0, "ALT"), ("1920-8", "U/L", 0, 5000, 0, "AST"), ("718-7", "g/dL", 2, 25, 1, "HGB"),
+    ("2823-3", "mmol/L", 1, 10, 1, "K"), ("2951-2", "mmol/L", 100, 180, 0, "SODIUM"),
+    ("2093-3", "mg/dL", 30, 1000, 0, "CHOL"), ("18262-6", "mg/dL", 5, 800, 0, "LDL"),
+    ("3094-0", "mg/dL", 1, 250, 0, "UREAN"),
+])
+def test_every_lb_hard_range_bounds_inclusive(run, code, unit, low, high, decimals, test):
+    for v in (low, high):
+        res = run([obs(code, v, unit, day(1))])
+        assert baseline(res, test)["IT.LB.LBORRES"] == f"{v:.{decimals}f}", (test, v)
+    step = 10 ** -decimals
+    for v in (low - step, high + step):
+        res = run([obs(code, round(v, decimals), unit, day(1))])
+        assert res.items == [] and kinds(res) == ["out_of_range"], (test, v)

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from conftest import (DAY1, GLUC, HR, SYSBP, TEMP, bp, day, events, group, items, kinds, obs, vs)
+from engine_helpers import (DAY1, GLUC, HR, SYSBP, TEMP, bp, day, events, group, items, kinds, obs, vs)
 from esource.mapping.dates import study_day
 
 LB_GLUC = lambda value, date, time=None: {  # noqa: E731 - expected LB group for a mg/dL glucose
@@ -17,7 +17,7 @@ LB_GLUC = lambda value, date, time=None: {  # noqa: E731 - expected LB group for
 
 
 def test_study_day_has_no_day_zero(study):
-    from conftest import enrollment
+    from engine_helpers import enrollment
 
     enr = enrollment()
     assert enr.study_day(DAY1) == 1
@@ -239,3 +239,50 @@ def test_two_effective_choices_at_once_is_an_invalid_resource_and_is_held(run):
     res = run([o])
     assert res.items == []
     assert kinds(res) == ["invalid_source"]
+
+
+def test_screening_takes_the_earliest_time_of_the_latest_day(run):
+    res = run([obs(HR, 64, "/min", day(-3, "17:00")), obs(HR, 63, "/min", day(-3, "08:00")),
+               obs(HR, 62, "/min", day(-3)), obs(HR, 61, "/min", day(-4, "07:00"))])
+    assert group(res, "SE.SCREEN", "HR") == vs("HR", "63", day(-3), "08:00")
+
+
+@pytest.mark.parametrize("codings", [
+    [{"system": "urn:local:codes", "code": "HR1"}, {"system": "http://loinc.org", "code": "8867-4"}],
+    [{"system": "urn:oid:2.16.840.1.113883.6.1", "code": "8867-4"}],
+])
+def test_loinc_code_anywhere_in_the_codings_and_by_oid(run, codings):
+    res = run([obs({"coding": codings}, 70, "/min", day(1))])
+    assert group(res, "SE.BASELINE", "HR") == vs("HR", "70", day(1))
+
+
+@pytest.mark.parametrize("codings", [
+    [{"system": "urn:local:codes", "code": "8867-4"}],        # the right code in the wrong system
+    [{"system": "http://loinc.org", "code": "8889-8"}],       # another LOINC heart rate code
+])
+def test_codes_outside_the_map_are_not_readings(run, codings):
+    res = run([obs({"coding": codings}, 70, "/min", day(1))])
+    assert res.items == [] and res.discrepancies == [] and res.not_sent == []
+
+
+@pytest.mark.parametrize("readings,why", [
+    ([(27, None), (32, None)], "closer to the target day"),
+    ([(28, None), (30, None)], "same distance to the target day: the earlier day"),
+    ([(29, "08:00"), (29, None)], "a reading with a time comes before a date-only one"),
+    ([(29, "08:00"), (29, "09:00")], "earlier reading on the same date"),
+])
+def test_lineage_says_why_a_reading_was_not_selected(run, readings, why):
+    sel = obs(HR, 70, "/min", day(readings[0][0], readings[0][1]))
+    other = obs(HR, 71, "/min", day(readings[1][0], readings[1][1]))
+    res = run([other, sel])
+    assert group(res, "SE.WEEK4", "HR")["IT.VS.VSORRES"] == "70"
+    (ns,) = res.not_sent
+    assert ns.source.id == other["id"]
+    assert ns.reason == f"not selected for SE.WEEK4: the reading of {day(readings[0][0])} was preferred ({why})"
+
+
+def test_lineage_says_why_for_screening(run):
+    other = obs(HR, 71, "/min", day(-5))
+    res = run([other, obs(HR, 70, "/min", day(-2))])
+    (ns,) = res.not_sent
+    assert ns.reason.endswith("(later day)")
