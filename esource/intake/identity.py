@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from esource.intake.jsonvalues import as_str
 from esource.domain.model import SourceRef
 
 __all__ = [
@@ -41,15 +42,6 @@ __all__ = [
 ]
 
 _SORT = orjson.OPT_SORT_KEYS
-
-
-def _as_str(value: Any) -> str | None:
-    """A string element's value; integers are tolerated (sloppy ids), anything else is not a value."""
-    if type(value) is str:
-        return value if value else None
-    if type(value) is int:
-        return str(value)
-    return None
 
 
 def canonical_json(resource: Any) -> bytes:
@@ -73,7 +65,7 @@ def _first_identifier(resource: dict[str, Any]) -> tuple[str, str] | None:
     for ident in identifiers:
         if type(ident) is not dict:
             continue
-        value = _as_str(ident.get("value"))
+        value = as_str(ident.get("value"))
         if value is None:
             continue
         system = ident.get("system")
@@ -95,7 +87,7 @@ def _identity(resource: dict[str, Any], resource_type: str, rid: str | None, ful
 def _version_id(resource: dict[str, Any]) -> str | None:
     meta = resource.get("meta")
     if type(meta) is dict:
-        return _as_str(meta.get("versionId"))
+        return as_str(meta.get("versionId"))
     return None
 
 
@@ -103,7 +95,7 @@ def source_identity(resource: dict[str, Any], full_url: str | None = None) -> st
     """The protocol's source identity of `resource` (see the module docstring for the forms)."""
     rt = resource.get("resourceType")
     rt = rt if type(rt) is str else "Resource"
-    identity = _identity(resource, rt, _as_str(resource.get("id")), full_url)
+    identity = _identity(resource, rt, as_str(resource.get("id")), full_url)
     if identity is None:
         identity = f"content|{rt}|sha256:{content_hash(resource)}"
     return identity
@@ -122,7 +114,7 @@ def make_source_ref(resource: dict[str, Any], full_url: str | None = None, eleme
     there is no meta.versionId (or no identity at all)."""
     rt = resource.get("resourceType")
     rt = rt if type(rt) is str else "Resource"
-    rid = _as_str(resource.get("id"))
+    rid = as_str(resource.get("id"))
     identity = _identity(resource, rt, rid, full_url)
     version = _version_id(resource)
     if version is None or identity is None:

@@ -26,6 +26,7 @@ import re
 import orjson
 
 from esource.domain.model import SourceResource
+from esource.intake.jsonvalues import as_str, json_kind, short_repr
 from esource.errors import IntakeError
 from esource.intake.identity import make_source_ref
 
@@ -179,25 +180,6 @@ def json_depth(data: bytes, limit: int | None = None) -> int:
 # --- parsing -------------------------------------------------------------------------------------
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _load(data: bytes | bytearray, origin: str, max_bytes: int, max_depth: int) -> Any:
     size = len(data)
     if size > max_bytes:
@@ -222,7 +204,7 @@ def _load(data: bytes | bytearray, origin: str, max_bytes: int, max_depth: int) 
             raise IntakeError(origin, f"JSON nested deeper than the limit of {max_depth} levels") from None
         raise IntakeError(origin, f"not valid JSON: {msg}") from None
     if type(doc) is not dict:
-        raise IntakeError(origin, f"top level is {_describe(doc)}, expected a JSON object (a FHIR resource)")
+        raise IntakeError(origin, f"top level is {json_kind(doc)}, expected a JSON object (a FHIR resource)")
     if json_depth(data, max_depth) > max_depth:
         raise IntakeError(origin, f"JSON nested deeper than the limit of {max_depth} levels")
     return doc
@@ -233,18 +215,10 @@ def _check_resource_type(doc: dict[str, Any], origin: str) -> str:
         raise IntakeError(origin, "no resourceType at the top level: not a FHIR resource")
     rt = doc["resourceType"]
     if type(rt) is not str:
-        raise IntakeError(origin, f"resourceType is {_describe(rt)}, expected a string")
+        raise IntakeError(origin, f"resourceType is {json_kind(rt)}, expected a string")
     if rt not in R4_RESOURCE_TYPES:
-        raise IntakeError(origin, f"resourceType {_short(rt)} is not a FHIR R4 resource type")
+        raise IntakeError(origin, f"resourceType {short_repr(rt)} is not a FHIR R4 resource type")
     return rt
-
-
-def _as_str(value: Any) -> str | None:
-    if type(value) is str:
-        return value if value else None
-    if type(value) is int:
-        return str(value)
-    return None
 
 
 def parse_fhir(
@@ -274,7 +248,7 @@ def parse_fhir(
 
     entries = doc.get("entry", [])
     if type(entries) is not list:
-        raise IntakeError(origin, f"Bundle.entry is {_describe(entries)}, expected an array", element="Bundle.entry")
+        raise IntakeError(origin, f"Bundle.entry is {json_kind(entries)}, expected an array", element="Bundle.entry")
 
     parsed = ParsedInput(origin=origin, bundle_type=None)
     btype = doc.get("type")
@@ -282,7 +256,7 @@ def parse_fhir(
         parsed.bundle_type = btype
         if btype not in BUNDLE_TYPES:
             parsed.problems.append(
-                EntryProblem(origin, -1, "Bundle", "type", f"unknown Bundle.type {_short(btype)}")
+                EntryProblem(origin, -1, "Bundle", "type", f"unknown Bundle.type {short_repr(btype)}")
             )
     else:
         parsed.problems.append(
@@ -324,19 +298,19 @@ def _flatten(top_entries: list[Any], parsed: ParsedInput, top_type: Any) -> None
             label = f"{prefix}.entry[{pos}]"
             pos += 1
             if type(entry) is not dict:
-                problems.append(EntryProblem(origin, index, label, None, f"entry is {_describe(entry)}, expected an object"))
+                problems.append(EntryProblem(origin, index, label, None, f"entry is {json_kind(entry)}, expected an object"))
                 continue
 
             full_url = entry.get("fullUrl")
             if full_url is not None and type(full_url) is not str:
-                problems.append(EntryProblem(origin, index, label, "fullUrl", f"fullUrl is {_describe(full_url)}, expected a string"))
+                problems.append(EntryProblem(origin, index, label, "fullUrl", f"fullUrl is {json_kind(full_url)}, expected a string"))
                 full_url = None
             elif full_url == "":
                 full_url = None
 
             request = entry.get("request")
             if type(request) is dict and request.get("method") == "DELETE":
-                url = _as_str(request.get("url"))
+                url = as_str(request.get("url"))
                 if url is None:
                     problems.append(EntryProblem(origin, index, label, "request.url", "DELETE entry without a request URL"))
                 else:
@@ -350,7 +324,7 @@ def _flatten(top_entries: list[Any], parsed: ParsedInput, top_type: Any) -> None
                 continue
             res = entry["resource"]
             if type(res) is not dict:
-                problems.append(EntryProblem(origin, index, label, "resource", f"resource is {_describe(res)}, expected an object"))
+                problems.append(EntryProblem(origin, index, label, "resource", f"resource is {json_kind(res)}, expected an object"))
                 continue
             rt = res.get("resourceType")
             if rt is None:
@@ -358,13 +332,13 @@ def _flatten(top_entries: list[Any], parsed: ParsedInput, top_type: Any) -> None
                 continue
             if type(rt) is not str:
                 problems.append(
-                    EntryProblem(origin, index, label, "resource.resourceType", f"resourceType is {_describe(rt)}, expected a string")
+                    EntryProblem(origin, index, label, "resource.resourceType", f"resourceType is {json_kind(rt)}, expected a string")
                 )
                 continue
             if rt not in R4_RESOURCE_TYPES:
                 problems.append(
                     EntryProblem(
-                        origin, index, label, "resource.resourceType", f"resourceType {_short(rt)} is not a FHIR R4 resource type"
+                        origin, index, label, "resource.resourceType", f"resourceType {short_repr(rt)} is not a FHIR R4 resource type"
                     )
                 )
                 continue
@@ -373,7 +347,7 @@ def _flatten(top_entries: list[Any], parsed: ParsedInput, top_type: Any) -> None
                 inner = res.get("entry", [])
                 if type(inner) is not list:
                     problems.append(
-                        EntryProblem(origin, index, label + " (Bundle)", "resource.entry", f"Bundle.entry is {_describe(inner)}, expected an array")
+                        EntryProblem(origin, index, label + " (Bundle)", "resource.entry", f"Bundle.entry is {json_kind(inner)}, expected an array")
                     )
                     continue
                 # finish this level after the nested Bundle: push the rest first, then the child

@@ -50,6 +50,7 @@ from typing import Annotated, Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
+from esource.intake.jsonvalues import json_kind, short_repr
 from esource.intake.parse import R4_RESOURCE_TYPES
 
 __all__ = [
@@ -303,7 +304,7 @@ def validate_resource(resource: dict[str, Any], *, elements: Iterable[str] | Non
     if type(rt) is not str or not rt:
         return [ValidationIssue("resource", "resource has no resourceType")]
     if rt not in R4_RESOURCE_TYPES:
-        return [ValidationIssue("resourceType", f"{_short(rt)} is not a FHIR R4 resource type")]
+        return [ValidationIssue("resourceType", f"{short_repr(rt)} is not a FHIR R4 resource type")]
     info = _model_info(rt)
     if info is None:
         # A type the R4B models do not have (R4-only, e.g. EffectEvidenceSynthesis): nothing to check.
@@ -419,7 +420,7 @@ def _check_codes(info: _ModelInfo, rt: str, data: dict[str, Any]) -> list[Valida
             if type(v) is str and v not in allowed:
                 path = f"{rt}.{element}" + (f"[{i}]" if type(value) is list else "")
                 issues.append(
-                    ValidationIssue(path, f"code {_short(v)} is not in the required value set ({', '.join(sorted(allowed))})")
+                    ValidationIssue(path, f"code {short_repr(v)} is not in the required value set ({', '.join(sorted(allowed))})")
                 )
     if rt == "Observation":
         _check_comparator(data.get("valueQuantity"), f"{rt}.valueQuantity", issues)
@@ -436,7 +437,7 @@ def _check_comparator(quantity: Any, path: str, issues: list[ValidationIssue]) -
         comparator = quantity.get("comparator")
         if type(comparator) is str and comparator not in _COMPARATORS:
             issues.append(
-                ValidationIssue(f"{path}.comparator", f"code {_short(comparator)} is not in the required value set (<, <=, >, >=)")
+                ValidationIssue(f"{path}.comparator", f"code {short_repr(comparator)} is not in the required value set (<, <=, >, >=)")
             )
 
 
@@ -467,11 +468,6 @@ _TYPE_NAMES = {
     "String": "string",
     "Boolean": "boolean",
 }
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first_line(text: str) -> str:
@@ -518,38 +514,38 @@ def _convert(rt: str, err: Any) -> ValidationIssue:
     if etype == "extra_forbidden":
         return ValidationIssue(path, "unknown element")
     if etype == "fhir-validation-wrong-resource-type":
-        return ValidationIssue(f"{rt}.resourceType", f"wrong resource type {_short(value)}")
+        return ValidationIssue(f"{rt}.resourceType", f"wrong resource type {short_repr(value)}")
     m = _SPEC_REGEX.search(msg)
     if m:
         tname = _TYPE_NAMES.get(m.group(1), m.group(1))
         article = "an" if tname[:1] in "aeiou" else "a"
-        return ValidationIssue(path, f"value is not {article} {tname}: {_short(value)}")
+        return ValidationIssue(path, f"value is not {article} {tname}: {short_repr(value)}")
     if etype.startswith(("datetime", "date", "time")):
         detail = msg.split(",", 1)[1].strip() if "," in msg else msg
-        return ValidationIssue(path, f"value is not a valid date/time: {_short(value)} ({detail})")
+        return ValidationIssue(path, f"value is not a valid date/time: {short_repr(value)} ({detail})")
     if etype == "string_type":
-        return ValidationIssue(path, f"value is not a string: {_short(value)}")
+        return ValidationIssue(path, f"value is not a string: {short_repr(value)}")
     if etype in ("bool_type", "bool_parsing"):
-        return ValidationIssue(path, f"value is not a boolean: {_short(value)}")
+        return ValidationIssue(path, f"value is not a boolean: {short_repr(value)}")
     if etype in ("int_type", "int_parsing", "int_from_float"):
-        return ValidationIssue(path, f"value is not an integer: {_short(value)}")
+        return ValidationIssue(path, f"value is not an integer: {short_repr(value)}")
     if etype in ("decimal_type", "decimal_parsing", "float_type", "float_parsing"):
-        return ValidationIssue(path, f"value is not a decimal: {_short(value)}")
+        return ValidationIssue(path, f"value is not a decimal: {short_repr(value)}")
     if etype == "list_type" and "None is not allowed" in msg:
         return ValidationIssue(path, "null is not allowed in an array of elements")
     if etype == "string_pattern_mismatch":
-        return ValidationIssue(path, f"value has an invalid format: {_short(value)}")
+        return ValidationIssue(path, f"value has an invalid format: {short_repr(value)}")
     if etype == "list_type":
-        return ValidationIssue(path, f"expected an array, got {_kind(value)}")
+        return ValidationIssue(path, f"expected an array, got {json_kind(value)}")
     if etype in ("json_invalid", "dict_type", "model_type", "model_attributes_type") or (
         etype == "model_validation_format" and not isinstance(value, dict)
     ):
-        return ValidationIssue(path, f"expected an object, got {_kind(value)}" + (f": {_short(value)}" if _scalar(value) else ""))
+        return ValidationIssue(path, f"expected an object, got {json_kind(value)}" + (f": {short_repr(value)}" if _scalar(value) else ""))
     if etype in ("less_than_equal", "greater_than_equal", "less_than", "greater_than"):
-        return ValidationIssue(path, f"{_first_line(msg).lower()}: {_short(value)}")
+        return ValidationIssue(path, f"{_first_line(msg).lower()}: {short_repr(value)}")
     text = _first_line(msg) or etype
     if _scalar(value) and value is not None:
-        text += f": {_short(value)}"
+        text += f": {short_repr(value)}"
     return ValidationIssue(path, text)
 
 
@@ -560,17 +556,3 @@ def _choice_path(path: str, names: list[str]) -> str:
     if prefix in names:  # e.g. valueDate / valueDateTime: drop the type word
         prefix = re.sub(r"[A-Z][a-z0-9]*$", "", prefix)
     return f"{path}.{prefix or names[0]}[x]"
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
