@@ -1,53 +1,508 @@
-"""Outbox dispatch: deliver committed ODM transactions to the study's EDC connector, in order per
-subject. A transaction that fails blocks the later transactions of the same subject (order matters
-for Updates) while other subjects keep flowing. The service wraps this with retries (tenacity)."""
+"""Outbox dispatch: deliver committed ODM transactions to the study's EDC connector with
+exactly-once effect.
+
+    dispatcher = Dispatcher(store.uow, {"CV01": SandboxConnector(url)}, {"CV01": "MDV.CV01.1"}, metrics)
+    report = dispatcher.drain()                 # one pass (tests, the backfill CLI)
+    dispatcher.run_forever(stop_event)          # the service's background thread
+
+The rules:
+- Rows go out in id order, strictly in sequence per subject: a subject's rows form a chain, sent one
+  after the other; a row that does not get through holds back the subject's later rows, while other
+  subjects' chains keep flowing (`workers` chains run at once; 1 = strictly sequential).
+- Transient faults (the connector raises — `TransientDeliveryError` or anything else) are retried with
+  tenacity: exponential backoff with jitter, at most `max_attempts` attempts, waiting at least the
+  EDC's Retry-After. A Retry-After longer than `max_delay` is not slept through: the row is left
+  `failed` and the study's connector paused until then. After the last attempt the row stays
+  `failed` (visible, with its last error and attempt count) and is retried on a later pass once the
+  subject's cool-down (`max_delay`) has passed — a row is never dropped.
+- A permanent rejection (a receipt with `accepted=False, permanent=True`) makes the row `rejected`
+  and opens an `EDC_REJECTED` discrepancy with the vendor's code and message. The subject is blocked
+  — none of its later rows are sent — while it has a `rejected` row: a data manager acts (fixes and
+  re-queues the row to `pending`).
+- No duplicates: connectors de-duplicate on the transaction key (study/subject/sequence), so sending
+  again after an ambiguous failure (a timeout after the EDC committed, a crash between the send and
+  the status update) is safe: the EDC answers with its original receipt.
+- A circuit breaker per study: after `breaker_threshold` rows in a row exhausted their attempts, the
+  connector is left alone for `breaker_cooldown` seconds (`esource_edc_circuit_open` is 1 meanwhile).
+- Metrics: `esource_deliveries_total{connector,outcome}` per attempt (accepted, duplicate, rejected,
+  transient) and per row given up (gave_up); `esource_delivery_latency_seconds` from the outbox row's
+  creation to the EDC's acknowledgement; `esource_outbox_depth{status}` for pending/failed/rejected.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from esource.domain.model import SubjectTransaction
-from esource.domain.ports import EdcConnector
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_any
+from tenacity.wait import wait_exponential, wait_random
+
+from esource.domain.model import Discrepancy, DiscrepancyKind, Severity, SubjectTransaction
+from esource.domain.ports import Clock, DeliveryReceipt, EdcConnector, SystemClock
+from esource.errors import EsourceError
+from esource.observability import Metrics
+
+log = logging.getLogger("esource.dispatch")
+
+ANY_STUDY = "*"
+"""Key of a connector (or metadata version) that serves every study without one of its own."""
+
+
+class TransientDeliveryError(EsourceError):
+    """A delivery that may succeed later: the EDC was unreachable, slow, overloaded or out of order.
+    `retry_after` (seconds) is the EDC's own Retry-After when it gave one; `ambiguous` is True when
+    the EDC may have applied the transaction anyway (a timeout after the request was sent)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None,
+                 ambiguous: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.code = code
+        self.ambiguous = ambiguous
 
 
 @dataclass
 class DispatchReport:
+    """What one pass did. `sent` counts accepted transactions (duplicates included)."""
+
     sent: int = 0
     rejected: int = 0
-    failed: int = 0
+    failed: int = 0  # rows left `failed` this pass (attempts exhausted, Retry-After too long, shutdown)
+    retries: int = 0  # transient failures that were retried
+    duplicates: int = 0  # accepted by the EDC as already received (nothing applied twice)
+    deferred: int = 0  # rows not attempted: subject or connector backing off, or held behind a failed row
+    unroutable: int = 0  # rows of a study without a connector
     blocked_subjects: set[tuple[str, str]] = field(default_factory=set)
     references: list[str] = field(default_factory=list)
 
+    def merge(self, other: DispatchReport) -> None:
+        for name in ("sent", "rejected", "failed", "retries", "duplicates", "deferred", "unroutable"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.blocked_subjects |= other.blocked_subjects
+        self.references.extend(other.references)
 
-def drain_outbox(uow_factory: Callable[[], Any], connector: EdcConnector, metadata_version_oid: str,
-                 *, limit: int = 1000) -> DispatchReport:
-    report = DispatchReport()
-    with uow_factory() as uow:
-        entries = uow.outbox_entries(statuses=("pending", "failed"), limit=limit)
-    for e in entries:
-        subject = (e.study_oid, e.subject_key)
-        if subject in report.blocked_subjects:
-            continue
-        tx = SubjectTransaction(e.study_oid, metadata_version_oid, e.subject_key, e.site_oid, None, [], e.sequence)
+
+class _Retryable(Exception):
+    """Internal: one failed attempt, carrying the connector's exception (the only thing retried)."""
+
+    def __init__(self, cause: BaseException, retry_after: float | None) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Circuit:
+    failures: int = 0  # consecutive rows that exhausted their attempts
+    open_until: dt.datetime | None = None
+
+
+_DELIVERED, _FAILED, _REJECTED, _DEFERRED = "delivered", "failed", "rejected", "deferred"
+
+
+class Dispatcher:
+    """Delivers outbox rows to the EDC connectors (one per study OID, `"*"` for any study)."""
+
+    def __init__(
+        self,
+        uow_factory: Callable[..., Any],
+        connectors: Mapping[str, EdcConnector],
+        metadata_versions: Mapping[str, str],
+        metrics: Metrics | None = None,
+        *,
+        max_attempts: int = 6,
+        base_delay: float = 0.5,
+        max_delay: float = 30.0,
+        workers: int = 4,
+        batch_size: int = 1000,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float | None = None,
+        clock: Clock | None = None,
+        sleep: Callable[[float], Any] | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.uow_factory = uow_factory
+        self.connectors = dict(connectors)
+        self.metadata_versions = dict(metadata_versions)
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.workers = workers
+        self.batch_size = batch_size
+        self.breaker_threshold = breaker_threshold
+        self.breaker_cooldown = max_delay if breaker_cooldown is None else breaker_cooldown
+        self.clock: Clock = clock or SystemClock()
+        self._halt = threading.Event()  # set while the service stops: sleeps end, retries stop
+        self._sleep = sleep or (lambda seconds: self._halt.wait(seconds))
+        # base_delay * 2^(attempt-1), capped, plus up to base_delay of jitter (tenacity 8.2 and 9 alike)
+        self._backoff = wait_exponential(multiplier=base_delay, max=max_delay) + wait_random(0, base_delay)
+        self._lock = threading.Lock()
+        self._in_flight: set[tuple[str, str]] = set()
+        self._not_before: dict[tuple[str, str], dt.datetime] = {}
+        self._circuits: dict[str, _Circuit] = {}
+        self._names: dict[str, str] = {}
+        self._warned: set[str] = set()
+        self.totals = DispatchReport()  # what every chain did since start (run_forever included)
+
+    # ------------------------------------------------------------------------------------ public
+
+    def drain(self, limit: int | None = None) -> DispatchReport:
+        """One pass over the outbox: every deliverable row is tried (with retries) before returning."""
+        if self.workers == 1:
+            report = self._pass(limit or self.batch_size, executor=None, wait=True)
+        else:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="esource-dispatch") as pool:
+                report = self._pass(limit or self.batch_size, executor=pool, wait=True)
+        self._refresh_depth()
+        return report
+
+    def run_forever(self, stop: threading.Event, poll_interval: float = 0.2) -> None:
+        """Deliver until `stop` is set (the service's background thread). Subjects whose chain is still
+        running are left for a later poll; the outbox is not re-read while every worker is busy."""
+        self._halt = stop
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="esource-dispatch")
+        error_pause = poll_interval
+        log.info("dispatcher started", extra={"count": self.workers})
         try:
-            receipt = connector.send(tx, e.odm)
-        except Exception as exc:  # transient: stays pending, blocks this subject
-            report.failed += 1
-            report.blocked_subjects.add(subject)
-            with uow_factory() as uow:
-                uow.set_outbox_status(e.id, "failed", error=f"{type(exc).__name__}: {exc}", attempted=True)
-                uow.commit()
-            continue
-        with uow_factory() as uow:
-            if receipt.accepted:
-                uow.set_outbox_status(e.id, "acked" if receipt.reference else "sent", attempted=True)
-                report.sent += 1
-                if receipt.reference:
-                    report.references.append(receipt.reference)
-            else:
-                uow.set_outbox_status(e.id, "rejected", error=f"{receipt.code}: {receipt.message}", attempted=True)
-                report.rejected += 1
+            while not stop.is_set():
+                with self._lock:
+                    busy = len(self._in_flight)
+                if busy < self.workers:
+                    try:
+                        self._pass(self.batch_size, executor=pool, wait=False)
+                        error_pause = poll_interval
+                    except Exception:  # the store is unavailable, say: keep going, slower
+                        log.exception("dispatcher pass failed")
+                        error_pause = min(max(error_pause * 2, poll_interval), 10.0)
+                        stop.wait(error_pause)
+                        continue
+                stop.wait(poll_interval)
+        finally:
+            pool.shutdown(wait=True)
+            self._halt = threading.Event()
+            log.info("dispatcher stopped")
+
+    # ------------------------------------------------------------------------------------ a pass
+
+    def _reader(self) -> Any:
+        try:
+            return self.uow_factory(read_only=True)
+        except TypeError:
+            return self.uow_factory()
+
+    def _pass(self, limit: int, *, executor: ThreadPoolExecutor | None, wait: bool) -> DispatchReport:
+        report = DispatchReport()
+        with self._lock:
+            busy = set(self._in_flight)  # taken BEFORE reading: a chain finished since then has committed
+        with self._reader() as uow:
+            entries = uow.outbox_entries(statuses=("pending", "failed"), limit=limit)
+            rejected = uow.outbox_entries(statuses=("rejected",))
+        self._set_depth(entries, rejected, limit)
+        blocked = {(e.study_oid, e.subject_key) for e in rejected}
+        chains: dict[tuple[str, str], list[Any]] = {}
+        for e in entries:  # id order: chains start in the order their first row was written
+            chains.setdefault((e.study_oid, e.subject_key), []).append(e)
+        now = self.clock.now()
+        futures: list[Future[DispatchReport]] = []
+        for subject, rows in chains.items():
+            study = subject[0]
+            if subject in blocked:
                 report.blocked_subjects.add(subject)
+                report.deferred += len(rows)
+                continue
+            if subject in busy:
+                continue  # its chain is running; the next poll sees what it left
+            connector = self._connector(study)
+            if connector is None:
+                report.unroutable += len(rows)
+                if study not in self._warned:  # once per study, not on every poll
+                    self._warned.add(study)
+                    log.warning("no EDC connector for the study: its rows stay pending",
+                                extra={"study": study, "count": len(rows)})
+                continue
+            not_before = self._not_before.get(subject)
+            if (not_before is not None and now < not_before) or self._circuit_open(study, now):
+                report.deferred += len(rows)
+                report.blocked_subjects.add(subject)
+                continue
+            rows.sort(key=lambda r: r.sequence)
+            with self._lock:
+                self._in_flight.add(subject)
+            if executor is None:
+                done = self._chain(subject, rows, connector)
+                report.merge(done)
+                with self._lock:
+                    self.totals.merge(done)
+            else:
+                fut = executor.submit(self._chain, subject, rows, connector)
+                fut.add_done_callback(self._chain_done)
+                futures.append(fut)
+        if wait:
+            for fut in futures:
+                report.merge(fut.result())
+        return report
+
+    def _chain_done(self, fut: Future[DispatchReport]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            log.error("delivery chain failed", exc_info=exc)
+            return
+        with self._lock:
+            self.totals.merge(fut.result())
+
+    def _chain(self, subject: tuple[str, str], rows: list[Any], connector: EdcConnector) -> DispatchReport:
+        """One subject's rows, in sequence; stops at the first row that does not get through."""
+        report = DispatchReport()
+        try:
+            for i, e in enumerate(rows):
+                if self._halt.is_set() or self._circuit_open(e.study_oid, self.clock.now()):
+                    outcome = _DEFERRED
+                else:
+                    outcome = self._deliver(e, connector, report)
+                if outcome != _DELIVERED:
+                    held = len(rows) - i - (0 if outcome == _DEFERRED else 1)
+                    report.deferred += held
+                    report.blocked_subjects.add(subject)
+                    break
+        finally:
+            with self._lock:
+                self._in_flight.discard(subject)
+        return report
+
+    # ------------------------------------------------------------------------------------ one row
+
+    def _deliver(self, e: Any, connector: EdcConnector, report: DispatchReport) -> str:
+        study, subject = e.study_oid, e.subject_key
+        name = self._name(study, connector)
+        mdv = self.metadata_versions.get(study) or self.metadata_versions.get(ANY_STUDY, "")
+        tx = SubjectTransaction(study, mdv, subject, e.site_oid, None, [], e.sequence)
+        attempts = 0
+        last: _Retryable | None = None
+
+        def attempt() -> DeliveryReceipt:
+            nonlocal attempts, last
+            if last is not None and self._halt.is_set():
+                raise last  # stopping: the backoff was cut short, do not send again
+            attempts += 1
+            try:
+                receipt = connector.send(tx, e.odm)
+                if not receipt.accepted and not receipt.permanent:
+                    raise TransientDeliveryError(f"not accepted: {receipt.code}: {receipt.message}", code=receipt.code)
+            except Exception as exc:  # transient by the port's contract: retried
+                self._count(name, "transient")
+                error = _describe(exc)
+                log.info("delivery attempt failed", extra={"study": study, "subject_key": subject,
+                                                            "outbox_id": e.id, "sequence": e.sequence,
+                                                            "attempt": attempts, "reason": error[:200],
+                                                            "connector": name})
+                with self.uow_factory() as uow:
+                    uow.set_outbox_status(e.id, "failed", error=error, attempted=True)
+                    uow.commit()
+                last = _Retryable(exc, getattr(exc, "retry_after", None))
+                raise last from exc
+            return receipt
+
+        def before_sleep(_state: RetryCallState) -> None:
+            report.retries += 1
+
+        retrying = Retrying(
+            stop=stop_any(stop_after_attempt(self.max_attempts), self._stop_retrying(study)),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Retryable),
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            receipt = retrying(attempt)
+        except _Retryable as exhausted:
+            return self._gave_up(e, name, exhausted, attempts, report)
+
+        now = self.clock.now()
+        if receipt.accepted:
+            duplicate = _is_duplicate(receipt)
+            with self.uow_factory() as uow:
+                uow.set_outbox_status(e.id, "acked" if receipt.reference else "sent", attempted=True)
+                uow.commit()
+            self._count(name, "duplicate" if duplicate else "accepted")
+            if self.metrics is not None:
+                self.metrics.delivery_latency.labels(name).observe(max(0.0, (now - _aware(e.created_at)).total_seconds()))
+            report.sent += 1
+            report.duplicates += duplicate
+            if receipt.reference:
+                report.references.append(receipt.reference)
+            self._healthy(study, subject)
+            log.debug("delivered", extra={"study": study, "subject_key": subject, "outbox_id": e.id,
+                                          "sequence": e.sequence, "attempt": attempts, "connector": name,
+                                          "status": "duplicate" if duplicate else "accepted"})
+            return _DELIVERED
+
+        # permanent rejection: the row, and a discrepancy for a data manager, in one unit of work
+        code = receipt.code or "rejected"
+        message = receipt.message or "(no message)"
+        with self.uow_factory() as uow:
+            uow.set_outbox_status(e.id, "rejected", error=f"{code}: {message}", attempted=True)
+            self._record_rejection(uow, e, name, code, message)
             uow.commit()
-    return report
+        self._count(name, "rejected")
+        report.rejected += 1
+        self._healthy(study, subject)  # the EDC answered: it is up
+        log.warning("EDC rejected a transaction: subject blocked until a data manager acts",
+                    extra={"study": study, "subject_key": subject, "outbox_id": e.id, "sequence": e.sequence,
+                           "reason": code, "connector": name})
+        return _REJECTED
+
+    def _record_rejection(self, uow: Any, e: Any, name: str, code: str, message: str) -> None:
+        d = Discrepancy(
+            kind=DiscrepancyKind.EDC_REJECTED,
+            severity=Severity.ERROR,
+            study_oid=e.study_oid,
+            subject_key=e.subject_key,
+            message=(f"The EDC ({name}) rejected transaction {e.study_oid}/{e.subject_key}/{e.sequence} "
+                     f"(outbox #{e.id}, {e.item_count} item(s)) with code {code}: {message}. The subject's later "
+                     "transactions are held until a data manager acts."),
+            candidates=({"outbox_id": e.id, "sequence": e.sequence, "connector": name, "code": code,
+                         "edc_message": message},),
+            rule=f"edc:{name}",
+        )
+        if not uow.upsert_discrepancy(d):
+            # one EDC_REJECTED discrepancy per subject: a new rejection re-opens a closed one
+            status_of = getattr(uow, "discrepancy_status", None)
+            set_status = getattr(uow, "set_discrepancy_status", None)
+            if status_of and set_status and status_of(d.key) not in ("open", "in_review", None):
+                set_status(d.key, "open")
+
+    def _gave_up(self, e: Any, name: str, last: _Retryable, attempts: int, report: DispatchReport) -> str:
+        study, subject = e.study_oid, e.subject_key
+        now = self.clock.now()
+        report.failed += 1
+        self._count(name, "gave_up")
+        with self._lock:
+            self._not_before[(study, subject)] = now + dt.timedelta(seconds=self.max_delay)
+            circuit = self._circuits.setdefault(study, _Circuit())
+            if last.retry_after is not None and last.retry_after > self.max_delay:
+                until = now + dt.timedelta(seconds=last.retry_after)
+                circuit.open_until = max(circuit.open_until or until, until)
+            elif not self._halt.is_set():
+                circuit.failures += 1
+                if circuit.failures >= self.breaker_threshold:
+                    circuit.open_until = now + dt.timedelta(seconds=self.breaker_cooldown)
+            opened = circuit.open_until is not None and now < circuit.open_until
+        if opened and self.metrics is not None:
+            self.metrics.circuit_open.labels(name).set(1)
+        log.warning("delivery failed; the row stays 'failed' and is retried later",
+                    extra={"study": study, "subject_key": subject, "outbox_id": e.id, "sequence": e.sequence,
+                           "attempt": attempts, "reason": _describe(last.cause)[:200], "connector": name})
+        return _FAILED
+
+    # ------------------------------------------------------------------------------------ policy
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Exponential backoff with jitter, but never shorter than the EDC's Retry-After."""
+        delay = min(float(self._backoff(state)), self.max_delay)
+        exc = state.outcome.exception() if state.outcome is not None else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            delay = max(delay, float(retry_after))
+        return delay
+
+    def _stop_retrying(self, study: str) -> Callable[[RetryCallState], bool]:
+        def stop(state: RetryCallState) -> bool:
+            if self._halt.is_set():
+                return True
+            exc = state.outcome.exception() if state.outcome is not None else None
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after is not None and retry_after > self.max_delay:
+                return True  # not slept through: the connector pauses instead
+            return self._circuit_open(study, self.clock.now())
+
+        return stop
+
+    def _circuit_open(self, study: str, now: dt.datetime) -> bool:
+        with self._lock:
+            c = self._circuits.get(study)
+            return c is not None and c.open_until is not None and now < c.open_until
+
+    def _healthy(self, study: str, subject: str) -> None:
+        with self._lock:
+            self._not_before.pop((study, subject), None)
+            c = self._circuits.get(study)
+            was_open = c is not None and c.open_until is not None
+            if c is not None:
+                c.failures = 0
+                c.open_until = None
+        if was_open and self.metrics is not None:
+            self.metrics.circuit_open.labels(self._names.get(study, study)).set(0)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _connector(self, study: str) -> EdcConnector | None:
+        return self.connectors.get(study) or self.connectors.get(ANY_STUDY)
+
+    def _name(self, study: str, connector: EdcConnector) -> str:
+        name = self._names.get(study)
+        if name is None:
+            try:
+                name = connector.capabilities().name
+            except Exception:
+                name = type(connector).__name__
+            self._names[study] = name
+        return name
+
+    def _count(self, connector: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.deliveries.labels(connector, outcome).inc()
+
+    def _set_depth(self, entries: list[Any], rejected: list[Any], limit: int) -> None:
+        """Depth from what a pass read (exact while the backlog is under the batch size)."""
+        if self.metrics is None:
+            return
+        pending = sum(1 for e in entries if e.status == "pending")
+        self.metrics.outbox_depth.labels("pending").set(pending)
+        self.metrics.outbox_depth.labels("failed").set(len(entries) - pending)
+        self.metrics.outbox_depth.labels("rejected").set(len(rejected))
+
+    def _refresh_depth(self) -> None:
+        if self.metrics is None:
+            return
+        with self._reader() as uow:
+            counts = getattr(uow, "outbox_counts", None)
+            if counts is not None:
+                by_status = counts()
+                for status in ("pending", "failed", "rejected"):
+                    self.metrics.outbox_depth.labels(status).set(by_status.get(status, 0))
+                return
+            entries = uow.outbox_entries(statuses=("pending", "failed"), limit=self.batch_size)
+            rejected = uow.outbox_entries(statuses=("rejected",))
+        self._set_depth(entries, rejected, self.batch_size)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, TransientDeliveryError) else f"{type(exc).__name__}: {text}"
+
+
+def _is_duplicate(receipt: DeliveryReceipt) -> bool:
+    return receipt.code == "duplicate"
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def drain_outbox(uow_factory: Callable[..., Any], connector: EdcConnector, metadata_version_oid: str,
+                 *, limit: int = 1000, max_attempts: int = 1, **options: Any) -> DispatchReport:
+    """One pass with one connector for every study (the original helper; one attempt per row by
+    default, so a failing EDC does not make it wait)."""
+    dispatcher = Dispatcher(uow_factory, {ANY_STUDY: connector}, {ANY_STUDY: metadata_version_oid},
+                            max_attempts=max_attempts, workers=options.pop("workers", 1), **options)
+    return dispatcher.drain(limit=limit)
