@@ -78,15 +78,67 @@ def map_command(
 def demo_command(
     workdir: Annotated[Path, typer.Option("--workdir", help="where the demo keeps its SQLite store and ODM files")] = Path("var/demo"),
     reset: Annotated[bool, typer.Option("--reset/--keep", help="start from an empty store")] = True,
+    serve: Annotated[Optional[bool], typer.Option("--serve/--no-serve", help="keep serving after the summary "
+                     "(default: when run in a terminal)")] = None,
+    port: Annotated[int, typer.Option("--port", help="HTTP port of the demo service (0 = any free port)")] = 8080,
 ) -> None:
-    """Run the main job on embedded defaults: the demo enrollment and sample data through the engine,
-    state in SQLite, the ODM that would be sent written to files, and a summary."""
+    """Run the main job on embedded defaults: the service (SQLite, HTTP and file intake, sandbox EDC),
+    the demo enrollment and sample data fed in, the ODM delivered to the sandbox EDC and written to
+    files, a summary, and the URLs to look at."""
     from esource.services.demo import run_demo
 
+    if serve is None:
+        serve = sys.stdin.isatty() and sys.stdout.isatty()
     try:
-        run_demo(workdir, reset=reset)
+        run_demo(workdir, reset=reset, serve=serve, port=port)
     except EsourceError as exc:
         _fail(str(exc).replace("\n", " "))
+
+
+@app.command("serve")
+def serve_command(
+    config: Annotated[Optional[Path], typer.Option("--config", help="settings YAML (else $ESOURCE_CONFIG)")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="HTTP host (overrides settings)")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="HTTP port (overrides settings)")] = None,
+) -> None:
+    """Run the service: FHIR HTTP intake, Kafka intake (when kafka.bootstrap is set) and the outbox
+    dispatcher to the study's EDC connector."""
+    from esource.services.server import serve
+
+    try:
+        serve(config, host=host, port=port)
+    except EsourceError as exc:
+        _fail(str(exc).replace("\n", " "))
+
+
+@app.command("ingest")
+def ingest_command(
+    paths: Annotated[list[Path], typer.Argument(help="FHIR JSON files or folders (backfill)")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="settings YAML (else $ESOURCE_CONFIG)")] = None,
+    dispatch: Annotated[bool, typer.Option("--dispatch/--no-dispatch", help="deliver the outbox afterwards")] = True,
+) -> None:
+    """Backfill: feed files through the same path as events, with a progress bar and a summary.
+    Exit 0 when every file was processed, 1 when some went to the dead letters (listed)."""
+    from esource.services.backfill import run_ingest
+
+    try:
+        code = run_ingest(paths, config, dispatch=dispatch)
+    except EsourceError as exc:
+        _fail(str(exc).replace("\n", " "))
+        return
+    raise typer.Exit(code)
+
+
+@app.command("sandbox-edc")
+def sandbox_edc_command(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8090,
+    db: Annotated[Optional[Path], typer.Option("--db", help="SQLite file (default: in memory)")] = None,
+) -> None:
+    """Run esource's sandbox EDC (an ODM receiver that stores ClinicalData and can be read back)."""
+    from esource.connectors.sandbox_edc import run_sandbox
+
+    run_sandbox(host, port, db)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
-"""`esource demo`: the main job on embedded defaults. The CV01 demo enrollment (config/) and its
-sample data go through the same use case as the service (file intake -> map -> state -> outbox), with
-SQLite as the store and an ODM file drop as the EDC; then a summary."""
+"""`esource demo`: the main job on embedded defaults. The service starts (SQLite store, FHIR HTTP and
+file intake, the sandbox EDC), the CV01 demo enrollment (config/) and its sample data are fed in through
+the same use case as production, every ODM transaction is delivered to the sandbox EDC (and copied to
+files), then a summary and the URLs to look at."""
 
 from __future__ import annotations
 
@@ -9,21 +10,15 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from esource.adapters.files import iter_input_files, read_input_file
-from esource.connectors.odm_file import OdmFileConnector
 from esource.domain.model import Enrollment
-from esource.errors import EsourceError, IntakeError, StudyConfigError
-from esource.intake.parse import parse_fhir
-from esource.mapping.engine import MappingEngine
+from esource.errors import EsourceError, StudyConfigError
 from esource.odm.xsd import validate_odm
-from esource.privacy import Pseudonymizer
-from esource.services.dispatch import drain_outbox
-from esource.services.process import Processor, content_key, enroll, intake_key_for
-from esource.store.sqlalchemy_uow import Store
-from esource.study.study import load_study
+from esource.services.process import content_key, enroll
 
 
 def builtin_config_dir() -> Path:
@@ -65,68 +60,136 @@ class DemoSummary:
     items_by_form: Counter = field(default_factory=Counter)
     discrepancies_by_kind: Counter = field(default_factory=Counter)
     transactions: int = 0
+    delivered: int = 0
+    edc_items: int = 0
     odm_files: list[Path] = field(default_factory=list)
     odm_invalid: list[str] = field(default_factory=list)
     store_url: str = ""
+    base_url: str = ""
 
 
-def run_demo(workdir: Path, *, reset: bool = True, enrollment_file: Path | None = None, quiet: bool = False) -> DemoSummary:
+def run_demo(workdir: Path, *, reset: bool = True, serve: bool = False, port: int = 8080,
+             enrollment_file: Path | None = None, quiet: bool = False, timeout: float = 120.0) -> DemoSummary:
+    """Start the service on embedded defaults (SQLite, HTTP + file intake, the sandbox EDC mounted at
+    /edc), feed the demo data in — initial summaries as a file backfill, later updates over HTTP —
+    wait until every transaction is acknowledged by the sandbox EDC, and print a summary and URLs."""
+    import time
+
+    import httpx
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(quiet=quiet)
+    from esource.adapters.http import create_app
+    from esource.bootstrap import build
+    from esource.connectors.sandbox_edc import create_sandbox_app
+    from esource.observability import configure_logging
+    from esource.services.ingest import Envelope
+    from esource.services.server import ThreadedServer, free_port, start_background
+    from esource.settings import load_settings
+
+    console = Console(quiet=quiet, width=110)
     workdir = Path(workdir)
     if reset and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     enrollment_file = enrollment_file or builtin_config_dir() / "demo_enrollment.yaml"
     study_oid, enrollments, feed = load_enrollment_file(enrollment_file)
-    study = load_study(study_oid)
-    summary = DemoSummary(subjects=len(enrollments))
+    wanted = port
+    port = free_port(port)
+    base = f"http://127.0.0.1:{port}"
+    summary = DemoSummary(subjects=len(enrollments), base_url=base)
     summary.store_url = f"sqlite:///{(workdir / 'esource.sqlite').resolve()}"
-    store = Store(summary.store_url)
+    settings = load_settings(mode="demo", database_url=summary.store_url, studies=[study_oid],
+                             http={"host": "127.0.0.1", "port": port},
+                             edc={"connector": "sandbox", "url": f"{base}/edc", "timeout_s": 10},
+                             log={"level": "WARNING", "json": True})
+    configure_logging("WARNING")
+    container = build(settings)
+    app = create_app(container)
+    app.mount("/edc", create_sandbox_app(workdir / "sandbox-edc.sqlite"))
+    server = ThreadedServer(app, "127.0.0.1", port)
+    server.start()
+    bg = start_background(container, kafka=False)
+    study = container.studies[study_oid]
     try:
-        engine = MappingEngine(study)
-        processor = Processor(study, engine, store.uow, Pseudonymizer.from_env(allow_demo_key=True))
-        enroll(store.uow, enrollments)
-        connector = OdmFileConnector(workdir / "outbox")
+        enroll(container.store.uow, enrollments)
         console.print(f"[bold]esource demo[/] — study {study.oid} ({study.metadata_version_oid}), "
                       f"{len(enrollments)} subjects enrolled, store {summary.store_url}")
-        for folder in feed:
-            for path in iter_input_files([folder]):
-                summary.files += 1
-                rel = path.relative_to(enrollment_file.parent) if path.is_relative_to(enrollment_file.parent) else path
-                try:
-                    data = read_input_file(path, max_bytes=50 * 1024 * 1024)
-                    parsed = parse_fhir(data, str(rel), max_bytes=50 * 1024 * 1024)
-                except IntakeError as exc:
-                    summary.dead_letters.append(str(exc))
-                    continue
-                outcome = processor.ingest(parsed, intake_key_for("file", str(rel), content_key(data)))
-                summary.duplicates += outcome.duplicate
-                summary.dropped_not_enrolled += outcome.dropped_not_enrolled
-                sent = sum(s.items_sent for s in outcome.subjects)
-                new_d = sum(s.discrepancies_new for s in outcome.subjects)
-                who = ", ".join(s.subject_key for s in outcome.subjects) or "no enrolled subject"
-                console.print(f"  {rel}: {outcome.resources} resources -> {who}: {sent} item(s) in the outbox, "
-                              f"{new_d} new discrepanc{'y' if new_d == 1 else 'ies'}"
-                              + (f", {outcome.dropped_not_enrolled} resource(s) of a patient not enrolled dropped"
-                                 if outcome.dropped_not_enrolled else ""))
-                drain_outbox(store.uow, connector, study.metadata_version_oid)
-        with store.uow(read_only=True) as uow:
+        if wanted and port != wanted:
+            console.print(f"  (port {wanted} is busy: using {port})")
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for i, folder in enumerate(feed):
+                over_http = i > 0  # later messages arrive over FHIR HTTP, the first summaries as a backfill
+                for path in iter_input_files([folder]):
+                    summary.files += 1
+                    rel = path.relative_to(enrollment_file.parent) if path.is_relative_to(enrollment_file.parent) else path
+                    data = read_input_file(path, max_bytes=settings.http.max_body_bytes)
+                    if over_http:
+                        r = http.post("/fhir", content=data, headers={"Content-Type": "application/fhir+json",
+                                                                       "X-Request-ID": f"demo-{rel}"})
+                        ok = r.status_code == 202
+                        if not ok:
+                            summary.dead_letters.append(f"{rel}: HTTP {r.status_code} {r.text[:200]}")
+                        console.print(f"  POST /fhir {rel}: {r.status_code}")
+                        continue
+                    result = container.ingest.ingest_bytes(data, Envelope("file", f"{rel}:{content_key(data)}", str(rel)))
+                    if not result.accepted:
+                        summary.dead_letters.append(result.error or "")
+                        continue
+                    summary.duplicates += result.duplicate
+                    dropped = sum(o.dropped_not_enrolled for o in result.outcomes.values())
+                    summary.dropped_not_enrolled += dropped
+                    who = ", ".join(s.subject_key for o in result.outcomes.values() for s in o.subjects) or "no enrolled subject"
+                    console.print(f"  file {rel}: {len(result.parsed.resources)} resources -> {who}: "
+                                  f"{result.items_sent} item(s) in the outbox"
+                                  + (f", {dropped} resource(s) of a patient not enrolled dropped" if dropped else ""))
+        # wait until the dispatcher has delivered everything to the sandbox EDC
+        deadline = time.monotonic() + timeout
+        while True:
+            with container.store.uow(read_only=True) as uow:
+                pending = uow.outbox_entries(statuses=("pending", "failed"))
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        out_dir = workdir / "outbox"
+        out_dir.mkdir(exist_ok=True)
+        with container.store.uow(read_only=True) as uow:
             for e in enrollments:
                 for key in uow.sent_items(study.oid, e.subject_key):
                     summary.items_by_form[key.form_oid] += 1
             for d in uow.open_discrepancies(study.oid):
                 summary.discrepancies_by_kind[d.kind.value] += 1
-            summary.transactions = len(uow.outbox_entries(statuses=None))
-        summary.odm_files = sorted((workdir / "outbox").glob("*.xml"))
-        for f in summary.odm_files:
-            errors = validate_odm(f.read_bytes())
+            entries = uow.outbox_entries(statuses=None)
+            summary.transactions = len(entries)
+        summary.delivered = sum(1 for e in entries if e.status in ("sent", "acked"))
+        for e in entries:
+            f = out_dir / f"{e.study_oid}_{e.subject_key}_{e.sequence:06d}.xml"
+            f.write_bytes(e.odm)
+            summary.odm_files.append(f)
+            errors = validate_odm(e.odm)
             if errors:
                 summary.odm_invalid.append(f"{f.name}: {errors[0]}")
+        items = httpx.get(f"{base}/edc/studies/{study.oid}/items", timeout=30).json()
+        summary.edc_items = len(items) if isinstance(items, list) else len(items.get("items", []))
+        _print_summary(console, summary, workdir, study.oid)
+        if summary.odm_invalid:
+            raise EsourceError(f"{len(summary.odm_invalid)} ODM file(s) failed XSD validation")
+        if serve:
+            console.print("\n[bold]serving[/] — press Ctrl-C to stop")
+            try:
+                while not bg.stop.wait(1.0):
+                    pass
+            except KeyboardInterrupt:
+                pass
     finally:
-        store.dispose()
+        bg.shutdown()
+        server.stop()
+        container.close()
+    return summary
+
+
+def _print_summary(console: "Any", summary: DemoSummary, workdir: Path, study_oid: str) -> None:
+    from rich.table import Table
 
     t = Table(title="Items sent, by form")
     t.add_column("form")
@@ -140,15 +203,20 @@ def run_demo(workdir: Path, *, reset: bool = True, enrollment_file: Path | None 
     for kind, n in sorted(summary.discrepancies_by_kind.items()):
         t.add_row(kind, str(n))
     console.print(t)
-    console.print(f"subjects: {summary.subjects} · files fed: {summary.files} · ODM transactions: "
-                  f"{summary.transactions} ({len(summary.odm_files)} files in {workdir / 'outbox'}, "
-                  f"{'all' if not summary.odm_invalid else len(summary.odm_files) - len(summary.odm_invalid)} valid "
+    console.print(f"subjects: {summary.subjects} · files fed: {summary.files} · ODM transactions: {summary.transactions}, "
+                  f"{summary.delivered} acknowledged by the sandbox EDC ({summary.edc_items} items held there) · "
+                  f"{len(summary.odm_files)} ODM files in {workdir / 'outbox'} "
+                  f"({'all' if not summary.odm_invalid else len(summary.odm_files) - len(summary.odm_invalid)} valid "
                   f"against the ODM 1.3.2 XSD) · resources of patients not enrolled dropped: "
                   f"{summary.dropped_not_enrolled} · dead letters: {len(summary.dead_letters)}")
     for dl in summary.dead_letters:
         console.print(f"  dead letter: {dl}")
     for bad in summary.odm_invalid:
         console.print(f"  [red]invalid ODM[/]: {bad}")
-    if summary.odm_invalid:
-        raise EsourceError(f"{len(summary.odm_invalid)} ODM file(s) failed XSD validation")
-    return summary
+    b = summary.base_url
+    console.print("\nLook at:")
+    for url, what in ((f"{b}/docs", "the API (OpenAPI)"), (f"{b}/studies/{study_oid}/subjects", "enrolled subjects"),
+                      (f"{b}/metrics", "Prometheus metrics"), (f"{b}/ready", "readiness"),
+                      (f"{b}/edc/studies/{study_oid}/items", "what the sandbox EDC holds"),
+                      (f"{b}/edc/studies/{study_oid}/subjects/002-0001/clinicaldata", "a subject's ODM in the EDC")):
+        console.print(f"  {url}  — {what}")

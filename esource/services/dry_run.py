@@ -45,22 +45,31 @@ def _scrub_candidate(c: dict[str, Any], patient_ids: set[str], pseudonymizer: Ps
     return c
 
 
-def adhoc_enrollment(study: Study, subject_key: str, site_oid: str, day1: dt.date, consent: dt.date | None = None,
-                     withdrawn: dt.date | None = None) -> Enrollment:
-    """Enroll a patient for a dry run, checked against the study like a real enrollment."""
+def validate_enrollment(study: Study, enrollment: Enrollment) -> Enrollment:
+    """An enrollment must fit its study: SubjectKey pattern, one of the study's sites, consent on or
+    before Day 1, withdrawal not before consent. Raises EnrollmentError saying which rule failed."""
     import re
 
     spec = study.spec.study
-    if spec.subject_key_pattern and not re.fullmatch(spec.subject_key_pattern, subject_key):
-        raise EnrollmentError(f"SubjectKey {subject_key!r} does not match the study's pattern {spec.subject_key_pattern}")
-    if site_oid not in spec.sites:
-        raise EnrollmentError(f"site {site_oid!r} is not a site of {spec.oid} ({', '.join(spec.sites)})")
-    consent = consent or day1 + dt.timedelta(days=spec.default_consent_offset_days)
-    if consent > day1:
-        raise EnrollmentError(f"consent ({consent}) is after Day 1 ({day1})")
-    if withdrawn is not None and withdrawn < consent:
-        raise EnrollmentError(f"withdrawal ({withdrawn}) is before consent ({consent})")
-    return Enrollment(spec.oid, subject_key, site_oid, (), consent, day1, withdrawn)
+    if enrollment.study_oid != spec.oid:
+        raise EnrollmentError(f"the enrollment is for study {enrollment.study_oid}, not {spec.oid}")
+    if spec.subject_key_pattern and not re.fullmatch(spec.subject_key_pattern, enrollment.subject_key):
+        raise EnrollmentError(f"SubjectKey {enrollment.subject_key!r} does not match the study's pattern "
+                              f"{spec.subject_key_pattern}")
+    if enrollment.site_oid not in spec.sites:
+        raise EnrollmentError(f"site {enrollment.site_oid!r} is not a site of {spec.oid} ({', '.join(spec.sites)})")
+    if enrollment.consent_date > enrollment.day1:
+        raise EnrollmentError(f"consent ({enrollment.consent_date}) is after Day 1 ({enrollment.day1})")
+    if enrollment.withdrawal_date is not None and enrollment.withdrawal_date < enrollment.consent_date:
+        raise EnrollmentError(f"withdrawal ({enrollment.withdrawal_date}) is before consent ({enrollment.consent_date})")
+    return enrollment
+
+
+def adhoc_enrollment(study: Study, subject_key: str, site_oid: str, day1: dt.date, consent: dt.date | None = None,
+                     withdrawn: dt.date | None = None) -> Enrollment:
+    """Enroll a patient for a dry run, checked against the study like a real enrollment."""
+    consent = consent or day1 + dt.timedelta(days=study.spec.study.default_consent_offset_days)
+    return validate_enrollment(study, Enrollment(study.oid, subject_key, site_oid, (), consent, day1, withdrawn))
 
 
 def collect(files: Iterable[Path], *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[SourceResource], list[str], list[tuple[SourceRef | None, str]], int]:

@@ -773,6 +773,16 @@ class SqlAlchemyUnitOfWork:
             for row in session.execute(q)
         ]
 
+    def outbox_counts(self) -> dict[str, int]:
+        """Outbox rows by status (cheap: no ODM bytes loaded) — for the depth gauge and readiness."""
+        t = _outbox
+        rows = self._active().execute(select(t.c.status, func.count()).group_by(t.c.status))
+        return {status: int(n) for status, n in rows}
+
+    def ping(self) -> None:
+        """A cheap round trip to the database (readiness)."""
+        self._active().execute(select(1))
+
     # ------------------------------------------------------------------ dead letters
 
     def add_dead_letter(self, *, channel: str, intake_key: str, origin: str, reason: str, payload: bytes,
