@@ -167,3 +167,30 @@ class DeadLetterSink(Protocol):
 
     def add_dead_letter(self, *, channel: str, intake_key: str, origin: str, reason: str, payload: bytes,
                         received_at: dt.datetime) -> int: ...
+
+
+class EdcKeyMap(Protocol):
+    """esource's repeat keys (test code, date, log number) <-> an EDC's integer keys (Rave log lines,
+    REDCap repeat instances): allocated once per scope and stable forever, persisted by the connector."""
+
+    def edc_key(self, connector: str, study_oid: str, subject_key: str, scope: str, esource_key: str) -> int:
+        """The EDC key for esource_key within scope (e.g. "SE.UNSCHED" or "IG.VS"), allocated 1, 2, 3 ..."""
+        ...
+
+    def esource_key(self, connector: str, study_oid: str, subject_key: str, scope: str, edc_key: int) -> str | None:
+        ...
+
+
+class InMemoryEdcKeyMap:
+    def __init__(self) -> None:
+        self._fwd: dict[tuple[str, str, str, str], dict[str, int]] = {}
+
+    def edc_key(self, connector: str, study_oid: str, subject_key: str, scope: str, esource_key: str) -> int:
+        keys = self._fwd.setdefault((connector, study_oid, subject_key, scope), {})
+        if esource_key not in keys:
+            keys[esource_key] = len(keys) + 1
+        return keys[esource_key]
+
+    def esource_key(self, connector: str, study_oid: str, subject_key: str, scope: str, edc_key: int) -> str | None:
+        keys = self._fwd.get((connector, study_oid, subject_key, scope), {})
+        return next((k for k, v in keys.items() if v == edc_key), None)
