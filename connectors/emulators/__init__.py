@@ -1,0 +1,1 @@
+"""Protocol-faithful EDC emulators (FastAPI apps on loopback) for tests, benchmarks and demos."""
