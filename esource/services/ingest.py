@@ -14,6 +14,7 @@ from esource.errors import EsourceError, IntakeError
 from esource.intake.parse import ParsedInput, parse_fhir
 from esource.observability import Metrics
 from esource.services.process import IngestOutcome, Processor
+from esource.store.errors import StoreError
 
 log = logging.getLogger("esource.ingest")
 
@@ -100,6 +101,8 @@ class IngestService:
                 outcome = processor.ingest(parsed, f"{study_oid}|{env.intake_key}")
                 result.outcomes[study_oid] = outcome
                 self._count(study_oid, outcome)
+        except StoreError:
+            raise  # the database, not the input: the channel retries (Kafka: no commit; HTTP: 5xx)
         except EsourceError as exc:  # e.g. identifiers matching two subjects: the whole message is parked
             return self.dead_letter(data, env, exc, parsed=parsed)
         self.metrics.messages.labels(env.channel, "duplicate" if result.duplicate else "processed").inc()

@@ -44,6 +44,8 @@ def make_engine(url: str | URL, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_M
     """
     u = make_url(url)
     backend = u.get_backend_name()
+    # statement parameters can hold patient identifiers (enrollment, facts): never in error texts or logs
+    engine_kwargs.setdefault("hide_parameters", True)
     if backend == "postgresql":
         if u.drivername == "postgresql":
             u = u.set(drivername="postgresql+psycopg")

@@ -225,3 +225,28 @@ def test_dead_letters_keep_reason_and_payload(store):
     assert dl.payload == bad and dl.channel == "http" and dl.intake_key == "http:req-1"
     assert dl.reason == res.error
     assert svc.metrics.dead_letters.labels("http")._value.get() == 1
+
+
+def test_store_conflicts_are_retried_not_dead_lettered(store, monkeypatch):
+    """A concurrent unit of work (StoreConflictError) is the database's problem, not the input's."""
+    from esource.services.ingest import Envelope, IngestService
+    from esource.store.errors import StoreConflictError
+
+    class Boom:
+        def ingest(self, parsed, key):
+            raise StoreConflictError("outbox sequence already taken")
+
+    svc = IngestService({"CV01": Boom()}, store.uow)
+    with pytest.raises(StoreConflictError):
+        svc.ingest_bytes(bundle(patient()), Envelope("kafka", "t:0:5", "kafka t[0]@5"))
+    with store.uow(read_only=True) as uow:
+        assert uow.dead_letters() == []
+
+
+def test_sql_parameters_never_appear_in_store_errors(store):
+    import sqlalchemy as sa
+
+    with pytest.raises(sa.exc.SQLAlchemyError) as e:
+        with store.engine.connect() as conn:
+            conn.execute(sa.text("insert into no_such_table values (:v)"), {"v": "MRN-SECRET-1"})
+    assert "MRN-SECRET-1" not in str(e.value)
