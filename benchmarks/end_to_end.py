@@ -145,9 +145,11 @@ class Rig:
                 total += float(line.rsplit(" ", 1)[1])
         return int(total)
 
-    def lag(self) -> int:
+    def consumed(self) -> int:
+        """Kafka messages taken in by the service (processed, duplicate or dead letter)."""
         text = httpx.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=30).text
-        return int(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("esource_kafka_consumer_lag{")))
+        return int(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                       if l.startswith("esource_messages_consumed_total{") and 'channel="kafka"' in l))
 
     def stop(self) -> None:
         for p in (self.service, self.edc):
@@ -159,18 +161,15 @@ class Rig:
                     p.kill()
 
 
-def wait_drained(rig: Rig, timeout: float) -> None:
+def wait_drained(rig: Rig, expected_messages: int, timeout: float) -> None:
+    """Every produced message consumed, and every outbox transaction acknowledged by the EDC."""
     deadline = time.monotonic() + timeout
-    quiet = 0
     while time.monotonic() < deadline:
-        if rig.lag() == 0 and rig.outbox_pending() == 0:
-            quiet += 1
-            if quiet >= 3:
-                return
-        else:
-            quiet = 0
-        time.sleep(0.2)
-    raise RuntimeError("not drained in time")
+        if rig.consumed() >= expected_messages and rig.outbox_pending() == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"not drained in time ({rig.consumed()}/{expected_messages} consumed, "
+                       f"{rig.outbox_pending()} undelivered)")
 
 
 def run(store_name: str, database_url: str, args: argparse.Namespace, kafka: str) -> None:
@@ -198,7 +197,7 @@ def run(store_name: str, database_url: str, args: argparse.Namespace, kafka: str
         resources = args.events * 5
         t0 = time.perf_counter()
         rig.start_service()
-        wait_drained(rig, timeout=args.events / 10 + 120)
+        wait_drained(rig, args.events, timeout=args.events / 10 + 120)
         drain = time.perf_counter() - t0
         mem_drain = rig.peak_memory_mb()
         n_tx = len(rig.transactions())
@@ -221,7 +220,7 @@ def run(store_name: str, database_url: str, args: argparse.Namespace, kafka: str
             producer.send(topic, key=f"MRN-{s:05d}".encode(), value=event(s, base_seq + i // args.subjects, day1))
             sent_at.setdefault(f"001-{s:04d}", []).append(time.time())
         producer.flush()
-        wait_drained(rig, timeout=120)
+        wait_drained(rig, args.events + total, timeout=120)
         lat = []
         by_subject: dict[str, list[float]] = {}
         for t in rig.transactions():

@@ -188,8 +188,7 @@ class Processor:
             so.items_sent = len(changes)
             so.inserts = sum(1 for c in changes if c.transaction_type is TransactionType.INSERT)
             so.updates = len(changes) - so.inserts
-        for item in new_state:
-            uow.put_sent_item(item)
+        uow.put_sent_items(new_state)
         return so
 
 
