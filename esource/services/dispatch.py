@@ -22,11 +22,19 @@ The rules:
 - No duplicates: connectors de-duplicate on the transaction key (study/subject/sequence), so sending
   again after an ambiguous failure (a timeout after the EDC committed, a crash between the send and
   the status update) is safe: the EDC answers with its original receipt.
+- Conflicts (esource/services/conflicts.py): before a row that Updates items goes out, the subject
+  is read back from the EDC (connectors with `capabilities().read_back`; on every attempt). An
+  Updated item whose EDC value is neither the value esource last sent nor the one proposed was
+  changed by site staff: it is withheld (the rest goes; the reduced ODM replaces the row's), an
+  `EDC_CONFLICT` discrepancy is opened and the item's state frozen. A failing read-back is a
+  transient failure of the attempt (nothing is sent unchecked). Connectors without read-back are
+  not checked. `check_conflicts=False` turns the check off.
 - A circuit breaker per study: after `breaker_threshold` rows in a row exhausted their attempts, the
   connector is left alone for `breaker_cooldown` seconds (`esource_edc_circuit_open` is 1 meanwhile).
 - Metrics: `esource_deliveries_total{connector,outcome}` per attempt (accepted, duplicate, rejected,
-  transient) and per row given up (gave_up); `esource_delivery_latency_seconds` from the outbox row's
-  creation to the EDC's acknowledgement; `esource_outbox_depth{status}` for pending/failed/rejected.
+  transient), per row given up (gave_up) and per row with items withheld for a conflict (conflict);
+  `esource_delivery_latency_seconds` from the outbox row's creation to the EDC's acknowledgement;
+  `esource_outbox_depth{status}` for pending/failed/rejected.
 """
 
 from __future__ import annotations
@@ -42,10 +50,11 @@ from typing import Any
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_any
 from tenacity.wait import wait_exponential, wait_random
 
-from esource.domain.model import Discrepancy, DiscrepancyKind, Severity, SubjectTransaction
+from esource.domain.model import Discrepancy, DiscrepancyKind, ItemKey, Severity, SubjectTransaction
 from esource.domain.ports import Clock, DeliveryReceipt, EdcConnector, SystemClock
 from esource.errors import EsourceError
 from esource.observability import Metrics
+from esource.services import conflicts
 
 log = logging.getLogger("esource.dispatch")
 
@@ -75,13 +84,14 @@ class DispatchReport:
     failed: int = 0  # rows left `failed` this pass (attempts exhausted, Retry-After too long, shutdown)
     retries: int = 0  # transient failures that were retried
     duplicates: int = 0  # accepted by the EDC as already received (nothing applied twice)
+    conflicts: int = 0  # items withheld because site staff changed them in the EDC (EDC_CONFLICT)
     deferred: int = 0  # rows not attempted: subject or connector backing off, or held behind a failed row
     unroutable: int = 0  # rows of a study without a connector
     blocked_subjects: set[tuple[str, str]] = field(default_factory=set)
     references: list[str] = field(default_factory=list)
 
     def merge(self, other: DispatchReport) -> None:
-        for name in ("sent", "rejected", "failed", "retries", "duplicates", "deferred", "unroutable"):
+        for name in ("sent", "rejected", "failed", "retries", "duplicates", "conflicts", "deferred", "unroutable"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.blocked_subjects |= other.blocked_subjects
         self.references.extend(other.references)
@@ -124,6 +134,7 @@ class Dispatcher:
         breaker_cooldown: float | None = None,
         clock: Clock | None = None,
         sleep: Callable[[float], Any] | None = None,
+        check_conflicts: bool = True,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -140,6 +151,7 @@ class Dispatcher:
         self.batch_size = batch_size
         self.breaker_threshold = breaker_threshold
         self.breaker_cooldown = max_delay if breaker_cooldown is None else breaker_cooldown
+        self.check_conflicts = check_conflicts
         self.clock: Clock = clock or SystemClock()
         self._halt = threading.Event()  # set while the service stops: sleeps end, retries stop
         self._sleep = sleep or (lambda seconds: self._halt.wait(seconds))
@@ -150,6 +162,7 @@ class Dispatcher:
         self._not_before: dict[tuple[str, str], dt.datetime] = {}
         self._circuits: dict[str, _Circuit] = {}
         self._names: dict[str, str] = {}
+        self._read_back: dict[str, bool] = {}
         self._warned: set[str] = set()
         self.totals = DispatchReport()  # what every chain did since start (run_forever included)
 
@@ -287,14 +300,19 @@ class Dispatcher:
         tx = SubjectTransaction(study, mdv, subject, e.site_oid, None, [], e.sequence)
         attempts = 0
         last: _Retryable | None = None
+        odm: bytes = e.odm
+        previous = getattr(e, "previous_values", None) or {}
+        check = bool(previous) and self.check_conflicts and self._can_read_back(study, connector)
 
         def attempt() -> DeliveryReceipt:
-            nonlocal attempts, last
+            nonlocal attempts, last, odm
             if last is not None and self._halt.is_set():
                 raise last  # stopping: the backoff was cut short, do not send again
             attempts += 1
             try:
-                receipt = connector.send(tx, e.odm)
+                if check:
+                    odm = self._withhold_conflicts(e, odm, previous, connector, name, report)
+                receipt = connector.send(tx, odm)
                 if not receipt.accepted and not receipt.permanent:
                     raise TransientDeliveryError(f"not accepted: {receipt.code}: {receipt.message}", code=receipt.code)
             except Exception as exc:  # transient by the port's contract: retried
@@ -360,6 +378,49 @@ class Dispatcher:
                     extra={"study": study, "subject_key": subject, "outbox_id": e.id, "sequence": e.sequence,
                            "reason": code, "connector": name})
         return _REJECTED
+
+    def _withhold_conflicts(self, e: Any, odm: bytes, previous: dict[str, str], connector: EdcConnector, name: str,
+                            report: DispatchReport) -> bytes:
+        """Read the subject back and withhold the Updated items site staff changed in the EDC (see
+        esource/services/conflicts.py). Returns the ODM to send (the row's, or a reduced one, which
+        then replaces the row's ODM in the outbox with the discrepancies and frozen states)."""
+        study, subject = e.study_oid, e.subject_key
+        snapshot = connector.read_back(study, subject)  # raises: a transient failure of this attempt
+        if snapshot is None:
+            return odm  # the EDC does not know the subject: nothing to compare
+        found = conflicts.find_conflicts(odm, subject, previous, conflicts.edc_values(snapshot, subject))
+        if not found:
+            return odm
+        reduced, remaining = conflicts.strip_items(odm, subject, (c.path for c in found))
+        withheld = ", ".join(c.path for c in found)
+        with self.uow_factory() as uow:
+            states = uow.sent_items(study, subject)
+            for c in found:
+                key = ItemKey(study, subject, *c.key)
+                state = states.get(key)
+                conflicts.record_conflict(uow, conflicts.conflict_discrepancy(
+                    c, study, subject, state, connector=name, outbox_id=e.id, sequence=e.sequence))
+                conflicts.freeze(uow, key, state)
+            uow.replace_outbox_odm(e.id, reduced, item_count=remaining,
+                                   note=f"conflict: withheld {withheld} (changed in the EDC by site staff; "
+                                        "see the EDC_CONFLICT discrepancies)")
+            uow.commit()
+        report.conflicts += len(found)
+        self._count(name, "conflict")
+        log.warning("EDC values changed by site staff: items withheld, discrepancies opened",
+                    extra={"study": study, "subject_key": subject, "outbox_id": e.id, "sequence": e.sequence,
+                           "count": len(found), "connector": name})
+        return reduced
+
+    def _can_read_back(self, study: str, connector: EdcConnector) -> bool:
+        known = self._read_back.get(study)
+        if known is None:
+            try:
+                known = bool(connector.capabilities().read_back)
+            except Exception:
+                known = False
+            self._read_back[study] = known
+        return known
 
     def _record_rejection(self, uow: Any, e: Any, name: str, code: str, message: str) -> None:
         d = Discrepancy(

@@ -171,6 +171,13 @@ class Processor:
         result = self.engine.map_subject(enrollment, facts, ctx, deletions=deletions)
         sent = uow.sent_items(study_oid, subject)
         changes, new_state, extra = diff_state(result, sent, self.pseudonymizer, study_oid, subject)
+        if any(item.frozen for item in sent.values()):
+            # a value site staff changed in the EDC is never overwritten: a later source change for it
+            # refreshes its conflict discrepancy with the new proposed value
+            from esource.services.conflicts import conflict_followups
+
+            conflicts = [d for d in uow.open_discrepancies(study_oid, subject) if d.kind is DiscrepancyKind.EDC_CONFLICT]
+            extra += conflict_followups(result.items, sent, conflicts)
         for d in list(result.discrepancies) + extra:
             if uow.upsert_discrepancy(d):
                 so.discrepancies_new += 1

@@ -1,9 +1,10 @@
 """The database behind esource (SQLite by default, PostgreSQL by DSN): enrollment, intake keys,
-subject facts, item state, repeat keys, first-seen dates, discrepancies and the outbox.
+subject facts, item state, repeat keys, first-seen dates, discrepancies, the outbox and the EDC key map.
 
 `Store(url)` opens and migrates a database; `store.uow()` is a `UnitOfWork` (esource.domain.ports).
 """
 
+from esource.store.edc_key_map import SqlEdcKeyMap
 from esource.store.engine import make_engine
 from esource.store.errors import AmbiguousEnrollmentError, StoreConflictError, StoreError
 from esource.store.migrate import upgrade
@@ -13,6 +14,7 @@ __all__ = [
     "AmbiguousEnrollmentError",
     "OutboxEntry",
     "SqlAlchemyUnitOfWork",
+    "SqlEdcKeyMap",
     "Store",
     "StoreConflictError",
     "StoreError",

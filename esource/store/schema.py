@@ -295,6 +295,31 @@ class OutboxRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # {item path: the value esource last sent} for every ItemData the transaction Updates (migration
+    # 0003; NULL on older rows): the dispatcher's conflict check compares the EDC's value with it
+    previous_values: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+
+
+class EdcKeyMapRow(Base):
+    """An EDC's own key (Rave log line, REDCap repeat instance) for one of esource's repeat keys,
+    per connector, study, subject and scope: allocated 1, 2, 3 ... once, never changed, never reused."""
+
+    __tablename__ = "edc_key_map"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_edc_key_map"),
+        UniqueConstraint("connector", "study_oid", "subject_key", "scope", "esource_key",
+                         name="uq_edc_key_map_esource_key"),
+        UniqueConstraint("connector", "study_oid", "subject_key", "scope", "edc_key", name="uq_edc_key_map_edc_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    connector: Mapped[str] = mapped_column(String)
+    study_oid: Mapped[str] = mapped_column(String)
+    subject_key: Mapped[str] = mapped_column(String)
+    scope: Mapped[str] = mapped_column(String)
+    esource_key: Mapped[str] = mapped_column(String)
+    edc_key: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
 DEAD_LETTER_STATUSES: tuple[str, ...] = ("open", "reprocessed", "discarded")

@@ -894,7 +894,8 @@ class SqlAlchemyUnitOfWork:
             f"an EDC key after {MAX_ALLOCATION_ATTEMPTS} attempts; roll back and retry"
         )
 
-    def find_edc_key(self, connector: str, study_oid: str, subject_key: str, scope: str, esource_key: str) -> int | None:
+    def find_edc_key(self, connector: str, study_oid: str, subject_key: str, scope: str,
+                     esource_key: str) -> int | None:
         """The EDC key allocated to `esource_key`, or None (never allocates)."""
         t = _edc_key_map
         key = self._active().execute(

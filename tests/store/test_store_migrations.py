@@ -22,6 +22,7 @@ MODEL_TABLES = {
     "discrepancy",
     "outbox",
     "dead_letter",
+    "edc_key_map",
 }
 
 

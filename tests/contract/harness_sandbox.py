@@ -1,0 +1,117 @@
+"""Contract harness: esource's sandbox EDC (connectors/sandbox_edc.py, in memory) served by uvicorn in
+a thread on a free loopback port, and the SandboxConnector (connectors/sandbox.py) talking to it.
+
+Faults go through the sandbox's own fault plan (`POST /_faults` semantics, set in-process): every
+mode of the harness interface is native. "reject" is a 422 with the sandbox's code and message;
+"auth" a 401 (a permanent rejection for the connector); "timeout" answers after `delay` seconds,
+longer than the connector's timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from harness import ItemPath, register
+
+from esource.connectors.sandbox import SandboxConnector
+from esource.connectors.sandbox_edc import FaultRequest
+from esource.connectors.sandbox_edc import ItemPath as SandboxPath
+from esource.connectors.sandbox_edc import create_sandbox_app
+
+CONNECTOR_TIMEOUT = 0.5  # seconds; a "timeout" fault answers later than this
+TIMEOUT_DELAY = 0.9
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Served:
+    """An ASGI app served by uvicorn in a daemon thread on 127.0.0.1."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
+                                                    lifespan="off", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, name=f"contract-sandbox-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> _Served:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the sandbox EDC did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class SandboxHarness:
+    name = "sandbox"
+
+    def __init__(self, app: Any, url: str) -> None:
+        self.app = app
+        self.edc = app.state.sandbox
+        self.plan = app.state.faults
+        self.connector = SandboxConnector(url, timeout=CONNECTOR_TIMEOUT)
+
+    def inject(self, mode: str, count: int = 1, *, retry_after: float | None = None, delay: float | None = None,
+               after_commit: bool = False) -> None:
+        plan: dict[str, Any] = {"mode": mode, "count": count, "after_commit": after_commit,
+                                "delay": TIMEOUT_DELAY if delay is None else delay}
+        if retry_after is not None:
+            plan["retry_after"] = retry_after
+        if mode == "reject":
+            plan["message"] = "form F.VS is locked for subject entry"
+        self.plan.set(FaultRequest(**plan))
+
+    def clear_faults(self) -> None:
+        self.plan.clear()
+
+    def values(self, study_oid: str, subject_key: str) -> dict[ItemPath, str]:
+        return {(i["event"], i["event_repeat"], i["form"], i["group"], i["group_repeat"], i["item"]): i["value"]
+                for i in self.edc.items(study_oid, subject_key)}
+
+    def site_edit(self, study_oid: str, subject_key: str, path: ItemPath, value: str) -> None:
+        event, event_repeat, form, group, group_repeat, item = path
+        self.edc.site_edit(study_oid, subject_key,
+                           SandboxPath(event, event_repeat or "", form, group, group_repeat or "", item), value,
+                           user_oid="USR.SITE.CRA", reason="corrected from the source document at the site")
+
+    def write_count(self) -> int:
+        return self.edc.transaction_count()
+
+    def close(self) -> None:
+        self.connector.close()
+
+
+@register("sandbox")
+@contextmanager
+def sandbox_harness(tmp_path: Path) -> Iterator[SandboxHarness]:
+    app = create_sandbox_app(None)
+    try:
+        with _Served(app) as served:
+            harness = SandboxHarness(app, served.url)
+            try:
+                yield harness
+            finally:
+                harness.close()
+    finally:
+        app.state.sandbox.close()
