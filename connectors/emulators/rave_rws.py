@@ -4,7 +4,7 @@ loopback, for the Rave connector's tests, the EDC contract suite and demos.
     app = create_rave_app(None, users={"rwsuser": "password"})      # in memory; a Path: SQLite (WAL)
     run_rave("127.0.0.1", 8091)                                     # standalone, with uvicorn
 
-What it answers, as RWS does (payloads: /work/shared/data/edc-api/medidata-rws/, rwslib's parsers):
+What it answers, as RWS does (payloads: tests/data/edc-api/medidata-rws/, rwslib's parsers):
 - `GET /RaveWebServices/version` (and `/version/build`, `/version/codename`, `/twohundred`): plain
   text, no authentication (rwslib's `VersionRequest`).
 - Everything else needs HTTP Basic authentication. No header: 401 `Authorization Header not provided`

@@ -29,7 +29,7 @@ from esource.odm.xsd import safe_parse, validate_tree
 
 ODM_NS = "{http://www.cdisc.org/ns/odm/v1.3}"
 MDSOL = "{http://www.mdsol.com/ns/odm/metadata}"
-EXAMPLES = Path("/work/shared/data/edc-api/medidata-rws")
+EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "edc-api" / "medidata-rws"
 
 
 def rws(rave: RaveServer, user: str | None = USER, password: str | None = PASSWORD) -> RWSConnection:
@@ -115,8 +115,6 @@ def test_a_post_is_answered_like_the_documented_response_and_read_back_like_the_
     assert "New Subject" in study and conn.last_result.headers["x-mws-cv-last-updated"]
 
 
-@pytest.mark.skipif(not (EXAMPLES / "rws_post_odm_clinicaldata_request.xml").is_file(),
-                    reason="the documented RWS payloads are not on this machine")
 def test_the_documented_request_payload_is_accepted_verbatim(rave):
     response = rws(rave).send_request(PostDataRequest((EXAMPLES / "rws_post_odm_clinicaldata_request.xml")
                                                       .read_bytes()))
