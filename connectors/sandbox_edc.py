@@ -32,10 +32,8 @@ import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
-import random
 import sqlite3
 import threading
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 
 from esource.errors import IntakeError
 from esource.odm.xsd import ODM_NAMESPACES, safe_parse, validate_odm
+from esource.connectors.emulators.faults import Fault, FaultPlan, drop_connection
 
 __all__ = ["SandboxEdc", "create_sandbox_app", "run_sandbox", "main", "TRANSACTION_HEADER", "DEFAULT_MAX_BODY_BYTES"]
 
@@ -567,68 +566,6 @@ class FaultRequest(BaseModel):
         return self
 
 
-@dataclasses.dataclass(slots=True)
-class Fault:
-    mode: str
-    after_commit: bool
-    plan: FaultRequest
-
-
-class FaultPlan:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.request: FaultRequest | None = None
-        self.remaining: int | None = 0
-        self.rng = random.Random()
-        self.injected: Counter[str] = Counter()
-
-    def set(self, req: FaultRequest) -> None:
-        with self._lock:
-            self.request = req
-            self.remaining = req.count
-            self.rng = random.Random(req.seed)
-
-    def clear(self) -> None:
-        with self._lock:
-            self.request = None
-            self.remaining = 0
-
-    def take(self) -> Fault | None:
-        with self._lock:
-            req = self.request
-            if req is None or self.remaining == 0:
-                return None
-            if req.rate < 1.0 and self.rng.random() >= req.rate:
-                return None
-            if self.remaining is not None:
-                self.remaining -= 1
-            mode = req.mode if req.mode and not req.modes else self.rng.choice(req.modes or [req.mode])  # type: ignore[list-item]
-            ac = req.after_commit
-            after = ac if isinstance(ac, bool) else self.rng.random() < float(ac)
-            self.injected[f"{mode}{'+after_commit' if after else ''}"] += 1
-            return Fault(str(mode), after, req)
-
-    def state(self) -> dict[str, Any]:
-        with self._lock:
-            return {"active": self.request.model_dump() if self.request and self.remaining != 0 else None,
-                    "remaining": self.remaining, "injected": dict(self.injected)}
-
-
-async def _drop_connection(request: Request) -> Response:
-    """Close the client's connection without any answer. Under uvicorn the transport is reachable
-    through the server's `receive` callable; elsewhere (TestClient) a ConnectionResetError is raised."""
-    cycle = getattr(request.receive, "__self__", None)
-    transport = getattr(cycle, "transport", None)
-    if transport is not None and hasattr(transport, "abort"):
-        transport.abort()
-        for _ in range(50):  # let the server notice, so it does not try to answer on a dead socket
-            if getattr(cycle, "disconnected", True):
-                break
-            await asyncio.sleep(0)
-        return Response(status_code=500)  # never sent: the connection is gone
-    raise ConnectionResetError("sandbox EDC: connection dropped (injected fault)")
-
-
 def _fault_response(fault: Fault, *, applied: bool) -> SandboxError:
     note = " (injected fault; the transaction WAS applied)" if applied else " (injected fault)"
     plan = fault.plan
@@ -730,7 +667,7 @@ def create_sandbox_app(db_path: Path | None = None, *, max_body_bytes: int = DEF
         fault = plan.take() if faults else None
         if fault is not None and not fault.after_commit:
             if fault.mode == "reset":
-                return await _drop_connection(request)
+                return await drop_connection(request, "sandbox EDC")
             if fault.mode == "timeout":
                 await asyncio.sleep(fault.plan.delay)
                 raise _fault_response(fault, applied=False)
@@ -741,7 +678,7 @@ def create_sandbox_app(db_path: Path | None = None, *, max_body_bytes: int = DEF
         status, receipt = await run_in_threadpool(_apply, study, body, header)
         if fault is not None and fault.after_commit:
             if fault.mode == "reset":
-                return await _drop_connection(request)
+                return await drop_connection(request, "sandbox EDC")
             if fault.mode in ("timeout", "slow"):
                 await asyncio.sleep(fault.plan.delay)  # the answer comes after the client gave up
             else:

@@ -93,6 +93,7 @@ from starlette.concurrency import run_in_threadpool
 
 from esource.errors import IntakeError
 from esource.odm.xsd import ODM_NAMESPACES, safe_parse, validate_odm
+from esource.connectors.emulators.faults import drop_connection
 
 __all__ = ["OpenClinicaEdc", "StudyDesign", "FaultRequest", "create_openclinica_app", "run_openclinica", "main",
            "OC_NS", "CONTEXT", "IMPORT_PATH", "LOG_COLUMNS", "DEFAULT_TOKEN"]
@@ -966,20 +967,6 @@ class FaultPlan:
             return {"active": active, "remaining": dict(self.remaining), "injected": dict(self.injected)}
 
 
-async def _drop_connection(request: Request) -> Response:
-    """Close the client's connection without an answer (under uvicorn: abort the transport)."""
-    cycle = getattr(request.receive, "__self__", None)
-    transport = getattr(cycle, "transport", None)
-    if transport is not None and hasattr(transport, "abort"):
-        transport.abort()
-        for _ in range(50):
-            if getattr(cycle, "disconnected", True):
-                break
-            await asyncio.sleep(0)
-        return Response(status_code=500)  # never sent
-    raise ConnectionResetError("OpenClinica emulator: connection dropped (injected fault)")
-
-
 def _fault_error(fault: Fault, *, applied: bool) -> OcError:
     note = " (injected fault; the import job WAS created)" if applied else " (injected fault)"
     secs = fault.plan.retry_after
@@ -1003,7 +990,7 @@ async def _before(fault: Fault | None, request: Request) -> Response | None:
     if fault is None or fault.after_commit or fault.mode in _JOB_MODES:
         return None
     if fault.mode == "reset":
-        return await _drop_connection(request)
+        return await drop_connection(request, "OpenClinica emulator")
     if fault.mode in ("timeout", "slow"):
         await asyncio.sleep(fault.plan.delay)
         return None if fault.mode == "slow" else _fault_error(fault, applied=False).response()
@@ -1015,7 +1002,7 @@ async def _after(fault: Fault | None, request: Request) -> Response | None:
     if fault is None or not fault.after_commit or fault.mode in _JOB_MODES:
         return None
     if fault.mode == "reset":
-        return await _drop_connection(request)
+        return await drop_connection(request, "OpenClinica emulator")
     if fault.mode in ("timeout", "slow"):
         await asyncio.sleep(fault.plan.delay)  # the answer comes after the client gave up
         return None

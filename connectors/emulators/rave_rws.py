@@ -73,12 +73,10 @@ import copy
 import dataclasses
 import datetime as dt
 import hmac
-import random
 import re
 import sqlite3
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -92,6 +90,7 @@ from starlette.concurrency import run_in_threadpool
 
 from esource.errors import IntakeError
 from esource.odm.xsd import ODM_NAMESPACES, safe_parse, validate_tree
+from esource.connectors.emulators.faults import Fault, FaultPlan, drop_connection
 
 if TYPE_CHECKING:
     from esource.study.metadata import StudyMetadata
@@ -839,63 +838,6 @@ class RaveFaultRequest(BaseModel):
         return self
 
 
-@dataclasses.dataclass(slots=True)
-class Fault:
-    mode: str
-    after_commit: bool
-    plan: RaveFaultRequest
-
-
-class FaultPlan:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.request: RaveFaultRequest | None = None
-        self.remaining: int | None = 0
-        self.rng = random.Random()
-        self.injected: Counter[str] = Counter()
-
-    def set(self, req: RaveFaultRequest) -> None:
-        with self._lock:
-            self.request, self.remaining, self.rng = req, req.count, random.Random(req.seed)
-
-    def clear(self) -> None:
-        with self._lock:
-            self.request, self.remaining = None, 0
-
-    def take(self) -> Fault | None:
-        with self._lock:
-            req = self.request
-            if req is None or self.remaining == 0:
-                return None
-            if req.rate < 1.0 and self.rng.random() >= req.rate:
-                return None
-            if self.remaining is not None:
-                self.remaining -= 1
-            mode = self.rng.choice(req.modes) if req.modes else req.mode
-            after = req.after_commit if isinstance(req.after_commit, bool) else self.rng.random() < req.after_commit
-            self.injected[f"{mode}{'+after_commit' if after else ''}"] += 1
-            return Fault(str(mode), after, req)
-
-    def state(self) -> dict[str, Any]:
-        with self._lock:
-            return {"active": self.request.model_dump() if self.request and self.remaining != 0 else None,
-                    "remaining": self.remaining, "injected": dict(self.injected)}
-
-
-async def _drop_connection(request: Request) -> Response:
-    """Close the client's connection without an answer (uvicorn: abort the transport)."""
-    cycle = getattr(request.receive, "__self__", None)
-    transport = getattr(cycle, "transport", None)
-    if transport is None or not hasattr(transport, "abort"):
-        raise ConnectionResetError("Rave emulator: connection dropped (injected fault)")
-    transport.abort()
-    for _ in range(50):
-        if getattr(cycle, "disconnected", True):
-            break
-        await asyncio.sleep(0)
-    return Response(status_code=500)  # never sent
-
-
 def _seconds(s: float) -> str:
     return str(int(s)) if float(s).is_integer() else f"{s:g}"
 
@@ -1053,7 +995,7 @@ def create_rave_app(db_path: Path | str | None = None, *, users: Mapping[str, st
         fault = plan.take() if faults else None
         if fault is not None and not fault.after_commit:
             if fault.mode == "reset":
-                return await _drop_connection(request)
+                return await drop_connection(request, "Rave emulator")
             if fault.mode in ("timeout", "slow"):
                 await asyncio.sleep(fault.plan.delay)
             if fault.mode != "slow":
@@ -1061,7 +1003,7 @@ def create_rave_app(db_path: Path | str | None = None, *, users: Mapping[str, st
         answer = await run_in_threadpool(post_clinical_data, body)
         if fault is not None and fault.after_commit:
             if fault.mode == "reset":
-                return await _drop_connection(request)
+                return await drop_connection(request, "Rave emulator")
             if fault.mode in ("timeout", "slow"):
                 await asyncio.sleep(fault.plan.delay)  # the answer comes after the client gave up
             if fault.mode != "slow":

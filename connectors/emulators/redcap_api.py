@@ -49,11 +49,9 @@ import dataclasses
 import datetime as dt
 import io
 import json
-import random
 import re
 import sqlite3
 import threading
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +67,7 @@ from esource.connectors.redcap import REPEAT_FIELDS, RedcapField, RedcapMapping
 from esource.errors import IntakeError
 from esource.odm.xsd import safe_parse
 from esource.study.metadata import StudyMetadata, load_metadata
+from esource.connectors.emulators.faults import Fault, FaultPlan, drop_connection
 
 __all__ = ["DEFAULT_TOKEN", "REDCAP_VERSION", "RedcapProject", "RedcapApiError", "create_redcap_app", "run_redcap",
            "default_metadata_path", "main"]
@@ -841,68 +840,6 @@ class FaultRequest(BaseModel):
         return self
 
 
-@dataclasses.dataclass(slots=True)
-class Fault:
-    mode: str
-    after_commit: bool
-    plan: FaultRequest
-
-
-class FaultPlan:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.request: FaultRequest | None = None
-        self.remaining: int | None = 0
-        self.rng = random.Random()
-        self.injected: Counter[str] = Counter()
-
-    def set(self, req: FaultRequest) -> None:
-        with self._lock:
-            self.request, self.remaining, self.rng = req, req.count, random.Random(req.seed)
-
-    def clear(self) -> None:
-        with self._lock:
-            self.request, self.remaining = None, 0
-
-    def take(self, kind: str) -> Fault | None:
-        """The fault for this request (`kind`: "import" or "export" or "other"), if any."""
-        with self._lock:
-            req = self.request
-            if req is None or self.remaining == 0:
-                return None
-            if req.scope != "any" and req.scope != kind:
-                return None
-            if req.rate < 1.0 and self.rng.random() >= req.rate:
-                return None
-            if self.remaining is not None:
-                self.remaining -= 1
-            modes = req.modes or [req.mode]
-            mode = req.mode if req.mode and not req.modes else self.rng.choice(modes)
-            ac = req.after_commit
-            after = (ac if isinstance(ac, bool) else self.rng.random() < float(ac)) and kind == "import"
-            self.injected[f"{mode}{'+after_commit' if after else ''}"] += 1
-            return Fault(str(mode), after, req)
-
-    def state(self) -> dict[str, Any]:
-        with self._lock:
-            return {"active": self.request.model_dump() if self.request and self.remaining != 0 else None,
-                    "remaining": self.remaining, "injected": dict(self.injected)}
-
-
-async def _drop_connection(request: Request) -> Response:
-    """Close the client's connection without an answer (under uvicorn: abort the transport)."""
-    cycle = getattr(request.receive, "__self__", None)
-    transport = getattr(cycle, "transport", None)
-    if transport is not None and hasattr(transport, "abort"):
-        transport.abort()
-        for _ in range(50):
-            if getattr(cycle, "disconnected", True):
-                break
-            await asyncio.sleep(0)
-        return Response(status_code=500)  # never sent
-    raise ConnectionResetError("REDCap emulator: connection dropped (injected fault)")
-
-
 def _fault_error(fault: Fault, applied: bool, first: tuple[str, str, str] | None) -> RedcapApiError:
     note = " (injected fault; the import WAS applied)" if applied else " (injected fault)"
     plan = fault.plan
@@ -1045,7 +982,7 @@ def create_redcap_app(db_path: Path | str | None = None, *, tokens: Mapping[str,
             content = params.get("content")
             if content == "record":
                 return await _record(request, params, fmt, ret or fmt, err_fmt)
-            fault = plan.take("other") if faults else None
+            fault = plan.take("other", commit_kind="import") if faults else None
             if fault is not None:
                 answer = await _before(request, fault, None)
                 if answer is not None:
@@ -1057,7 +994,7 @@ def create_redcap_app(db_path: Path | str | None = None, *, tokens: Mapping[str,
     async def _before(request: Request, fault: Fault, first: tuple[str, str, str] | None) -> Response | None:
         """A fault before anything is applied: an answer, or None to go on (slow)."""
         if fault.mode == "reset":
-            return await _drop_connection(request)
+            return await drop_connection(request, "REDCap emulator")
         if fault.mode == "slow":
             await asyncio.sleep(fault.plan.delay)
             return None
@@ -1068,7 +1005,7 @@ def create_redcap_app(db_path: Path | str | None = None, *, tokens: Mapping[str,
     async def _record(request: Request, params: _Params, fmt: str, ret: str, err_fmt: str) -> Response:
         action = params.get("action") or ("import" if "data" in params.first else "export")
         if action == "export":
-            fault = plan.take("export") if faults else None
+            fault = plan.take("export", commit_kind="import") if faults else None
             if fault is not None:
                 answer = await _before(request, fault, None)
                 if answer is not None:
@@ -1095,7 +1032,7 @@ def create_redcap_app(db_path: Path | str | None = None, *, tokens: Mapping[str,
             raise RedcapApiError(400, "The parameter \"data\" is missing")
         type_ = params.get("type", "flat")
         rows = parse_records(params.get("data"), fmt, type_, mapping)
-        fault = plan.take("import") if faults else None
+        fault = plan.take("import", commit_kind="import") if faults else None
         if fault is not None and not fault.after_commit:
             answer = await _before(request, fault, _first_value(rows, mapping))
             if answer is not None:
@@ -1104,7 +1041,7 @@ def create_redcap_app(db_path: Path | str | None = None, *, tokens: Mapping[str,
                                           date_format=date_format, fmt=fmt, type_=type_)
         if fault is not None and fault.after_commit:
             if fault.mode == "reset":
-                return await _drop_connection(request)
+                return await drop_connection(request, "REDCap emulator")
             if fault.mode in ("timeout", "slow"):
                 await asyncio.sleep(fault.plan.delay)  # the answer comes after the client gave up
             else:
