@@ -14,14 +14,13 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from openclinica_helpers import TOKEN, Feeder, FixedClock, Served  # noqa: E402
+from openclinica_helpers import TOKEN, A, B, Feeder, FixedClock, Served  # noqa: E402
 
 from esource.connectors.emulators.openclinica_odm import StudyDesign, create_openclinica_app  # noqa: E402
 from esource.connectors.openclinica import OpenClinicaConnector  # noqa: E402
 from esource.store import Store  # noqa: E402
 from esource.study.study import load_study  # noqa: E402
 
-A, B = "001-0001", "001-0002"
 
 
 @pytest.fixture(scope="session")

@@ -172,3 +172,6 @@ class Served:
 
     def job_count(self) -> int:
         return sum(self.stats()["jobs"].values())
+
+# the two subjects the OpenClinica tests use
+A, B = "001-0001", "001-0002"

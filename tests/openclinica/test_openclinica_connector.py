@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import A, B
+from openclinica_helpers import A, B
 from openclinica_helpers import MDV, STUDY, TOKEN, Feeder, odm_values, replace_value, tx
 
 from esource.connectors.openclinica import OpenClinicaConnector, parse_import_log, transaction_key

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import A, B
+from openclinica_helpers import A, B
 from lxml import etree
 from openclinica_helpers import MDV, OC, ODM, STUDY, TOKEN, odm_values, replace_value
 
