@@ -77,10 +77,12 @@ def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
 class ThreadedServer:
     """uvicorn in a background thread (the demo and tests): start() waits until it accepts connections."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, *, log_level: str = "warning",
+                 graceful_shutdown_s: float | None = None) -> None:
         import uvicorn
 
-        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                                     timeout_graceful_shutdown=graceful_shutdown_s)
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{port}", daemon=True)
 
@@ -97,3 +99,14 @@ class ThreadedServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def __enter__(self) -> "ThreadedServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

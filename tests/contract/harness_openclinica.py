@@ -17,9 +17,6 @@ esource's keys (no repeat key).
 from __future__ import annotations
 
 import functools
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +26,7 @@ from harness import ItemPath, register
 
 from esource.connectors.emulators.openclinica_odm import FaultRequest, StudyDesign, create_openclinica_app
 from esource.connectors.openclinica import OpenClinicaConnector
+from esource.services.server import ThreadedServer, free_port
 
 TOKEN = "contract-openclinica-token"
 CONNECTOR_TIMEOUT = 0.5  # seconds; a "timeout" fault answers later than this
@@ -41,41 +39,6 @@ def _cv01_design() -> StudyDesign:
     from esource.study.study import load_study
 
     return StudyDesign.from_metadata(load_study("CV01").metadata)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Served:
-    """An ASGI app served by uvicorn in a daemon thread on 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
-                                                    lifespan="off", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, name=f"contract-openclinica-{self.port}", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> _Served:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the OpenClinica emulator did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 class OpenClinicaHarness:
@@ -127,7 +90,7 @@ class OpenClinicaHarness:
 def openclinica_harness(tmp_path: Path) -> Iterator[OpenClinicaHarness]:
     app = create_openclinica_app(None, token=TOKEN, metadata=_cv01_design())
     try:
-        with _Served(app) as served:
+        with ThreadedServer(app, "127.0.0.1", free_port(), log_level="critical", graceful_shutdown_s=1) as served:
             harness = OpenClinicaHarness(app, served.url)
             try:
                 yield harness

@@ -14,9 +14,6 @@ answers after `delay` seconds, longer than the connector's timeout.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,46 +25,12 @@ from harness import ItemPath, register
 from esource.connectors.emulators.rave_rws import create_rave_app
 from esource.connectors.rave import RaveConnector
 from esource.domain.ports import InMemoryEdcKeyMap
+from esource.services.server import ThreadedServer, free_port
 
 CONNECTOR_TIMEOUT = 0.5  # seconds; a "timeout" fault answers later than this
 TIMEOUT_DELAY = 0.9
 USER, PASSWORD = "rwsuser", "password"
 ENVIRONMENT = "PROD"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Served:
-    """An ASGI app served by uvicorn in a daemon thread on 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
-                                                    lifespan="off", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, name=f"contract-rave-{self.port}", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> _Served:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the Rave emulator did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 class RaveHarness:
@@ -142,7 +105,7 @@ def rave_harness(tmp_path: Path) -> Iterator[RaveHarness]:
     app = create_rave_app(None, users={USER: PASSWORD}, studies={"CV01(PROD)": ["SITE.001", "SITE.002"]},
                           metadata={"CV01": load_study("CV01").metadata})
     try:
-        with _Served(app) as served:
+        with ThreadedServer(app, "127.0.0.1", free_port(), log_level="critical", graceful_shutdown_s=1) as served:
             harness = RaveHarness(served.url)
             try:
                 yield harness

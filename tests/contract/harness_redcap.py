@@ -14,9 +14,6 @@ record imports REDCap applied.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +25,7 @@ from esource.connectors.emulators.redcap_api import DEFAULT_TOKEN, FaultRequest,
 from esource.connectors.redcap import CONNECTOR_NAME, RedcapCell, RedcapConnector, RedcapMapping, cells_to_items
 from esource.domain.ports import InMemoryEdcKeyMap
 from esource.study.metadata import load_metadata
+from esource.services.server import ThreadedServer, free_port
 
 METADATA = Path(__file__).resolve().parents[2] / "cdisc_maps" / "CV01" / "metadata.xml"
 CONNECTOR_TIMEOUT = 0.5  # seconds; a "timeout" fault answers later than this
@@ -40,41 +38,6 @@ def cv01_mapping() -> RedcapMapping:
     if _MAPPING is None:
         _MAPPING = RedcapMapping.from_metadata(load_metadata(METADATA))
     return _MAPPING
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Served:
-    """An ASGI app served by uvicorn in a daemon thread on 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
-                                                    lifespan="off", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, name=f"contract-redcap-{self.port}", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> _Served:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the REDCap emulator did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 class RedcapHarness:
@@ -131,7 +94,7 @@ def redcap_harness(tmp_path: Path) -> Iterator[RedcapHarness]:
     mapping = cv01_mapping()
     app = create_redcap_app(None, tokens={DEFAULT_TOKEN: mapping.study_oid}, project_xml_metadata=mapping)
     try:
-        with _Served(app) as served:
+        with ThreadedServer(app, "127.0.0.1", free_port(), log_level="critical", graceful_shutdown_s=1) as served:
             harness = RedcapHarness(app, served.url, mapping)
             try:
                 yield harness

@@ -9,9 +9,6 @@ longer than the connector's timeout.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,44 +20,10 @@ from esource.connectors.sandbox import SandboxConnector
 from esource.connectors.sandbox_edc import FaultRequest
 from esource.connectors.sandbox_edc import ItemPath as SandboxPath
 from esource.connectors.sandbox_edc import create_sandbox_app
+from esource.services.server import ThreadedServer, free_port
 
 CONNECTOR_TIMEOUT = 0.5  # seconds; a "timeout" fault answers later than this
 TIMEOUT_DELAY = 0.9
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Served:
-    """An ASGI app served by uvicorn in a daemon thread on 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
-                                                    lifespan="off", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, name=f"contract-sandbox-{self.port}", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> _Served:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the sandbox EDC did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 class SandboxHarness:
@@ -107,7 +70,7 @@ class SandboxHarness:
 def sandbox_harness(tmp_path: Path) -> Iterator[SandboxHarness]:
     app = create_sandbox_app(None)
     try:
-        with _Served(app) as served:
+        with ThreadedServer(app, "127.0.0.1", free_port(), log_level="critical", graceful_shutdown_s=1) as served:
             harness = SandboxHarness(app, served.url)
             try:
                 yield harness
