@@ -11,6 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
+from esource.domain.audit import AuditEvent
 from esource.domain.model import Discrepancy, Enrollment, ItemKey, SubjectTransaction
 
 
@@ -124,6 +125,9 @@ class UnitOfWork(Protocol):
     # outbox: the ODM transaction written in the same database transaction as the state
     def next_sequence(self, study_oid: str, subject_key: str) -> int: ...
     def add_outbox(self, transaction: SubjectTransaction, odm: bytes) -> int: ...
+
+    # audit trail: recorded in this unit of work, chained (hash of the predecessor) when it commits
+    def audit(self, event: AuditEvent) -> None: ...
 
 
 # ---------------------------------------------------------------------- EDC side
