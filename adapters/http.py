@@ -32,10 +32,17 @@ Intake contract (``/fhir``)
 - A patient who is not enrolled is no error: 202 like any other (dropped after matching, only counted).
 
 Everything else
-- Outside demo mode every endpoint but /health, /ready and /metrics needs ``Authorization: Bearer
-  <auth_secret>`` (compared in constant time) -> 401 otherwise.
-- Every error — ours, FastAPI's own 404/405/422, an unexpected exception (500, no traceback) — is a FHIR
-  OperationOutcome (``application/fhir+json``).
+- Every endpoint but /health, /ready and /metrics needs ``Authorization: Bearer <credential>`` (an API
+  token, an OIDC JWT, or the bootstrap ``auth_secret``; see esource.api.auth) -> 401 otherwise; in demo
+  mode a request without the header acts as the demo admin. Roles (403 otherwise): FHIR intake
+  ``system`` or ``admin``; enrollment reads ``data_manager``/``admin`` and CRAs for their sites;
+  enrollment writes ``admin``. The role-based API (esource.api) is mounted by ``mount_api``.
+- ``/ui/...`` is the web dashboard (esource.web, mounted by ``mount_web``): HTML pages with their own
+  login and signed session cookie, so no bearer token there - and never the demo admin; the session's
+  principal goes through the same ``require`` as the API. Its errors are HTML pages.
+- Every error of /fhir, enrollment and unknown paths — ours, FastAPI's own 404/405/422, an unexpected
+  exception (500, no traceback) — is a FHIR OperationOutcome (``application/fhir+json``); the routes of
+  esource.api answer RFC 9457 problem details (esource.api.problems decides by path).
 - Logs carry method, path, status, duration, request id (as intake key) and reasons without values —
   never a body, a header value, an identifier or an exception text (database errors quote parameters).
 """
@@ -44,8 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
-import hmac
 import logging
 import re
 import time
@@ -53,7 +58,7 @@ import uuid
 from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable
 
 import anyio
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -72,6 +77,9 @@ from esource.adapters.fhir_outcome import (
     validation_code,
 )
 from esource import __version__
+from esource.api.auth import Authenticator, Principal, Role, ensure_site, get_authenticator, require
+from esource.api.problems import error_for_path
+from esource.domain.audit import SYSTEM_ACTOR, AuditAction, AuditEvent
 from esource.domain.model import Enrollment, SourceResource
 from esource.errors import EnrollmentError, EsourceError, IntakeError
 from esource.intake.parse import ParsedInput
@@ -88,6 +96,7 @@ log = logging.getLogger("esource.http")
 
 CHANNEL = "http"
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
+SESSION_PREFIX = "/ui/"  # the web dashboard (esource.web): its own session cookie and login, no bearer token
 REQUEST_ID_HEADER = "X-Request-ID"
 INTAKE_KEY_HEADER = "X-Intake-Key"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/@+=~-]{1,200}")
@@ -110,16 +119,13 @@ class _BodyTooLarge(HTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
-def _secret_digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
-
-
 class _EdgeMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: streaming bodies pass through untouched)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], *, secret: str | None, api_max_bytes: int) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], *, authenticator: Authenticator,
+                 api_max_bytes: int) -> None:
         self.app = app
-        self._secret = _secret_digest(secret) if secret is not None else None
+        self.authenticator = authenticator
         self.api_max_bytes = api_max_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
@@ -145,7 +151,9 @@ class _EdgeMiddleware:
             await send(message)
 
         try:
-            refusal = self._refuse(headers, method, path, bad_rid)
+            bearer = path not in PUBLIC_PATHS and not path.startswith(SESSION_PREFIX) and path != SESSION_PREFIX[:-1]
+            refusal = await self._authenticate(scope, headers, path, rid) if bearer else None
+            refusal = refusal or self._refuse(headers, method, path, bad_rid)
             if refusal is not None:
                 await refusal(scope, receive, send_with_id)
                 return
@@ -156,25 +164,48 @@ class _EdgeMiddleware:
             log.error("unhandled error", extra={"channel": CHANNEL, "url": f"{method} {path}",
                                                 "reason": type(exc).__name__, "intake_key": f"{CHANNEL}:{rid}"})
             if not state["started"]:
-                await error_response(500, f"internal error (request {rid}); nothing is lost: retry later, "
-                                          "or report the request id")(scope, receive, send_with_id)
+                text = f"internal error (request {rid}); nothing is lost: retry later, or report the request id"
+                await error_for_path(scope.get("app"), path, 500, text, request_id=rid,
+                                     fhir=lambda: error_response(500, text))(scope, receive, send_with_id)
         finally:
             log.log(logging.DEBUG if path in PUBLIC_PATHS else logging.INFO,  # probes and scrapes: not noise
                     "http request", extra={"channel": CHANNEL, "url": f"{method} {path}", "status": state["status"],
                                            "intake_key": f"{CHANNEL}:{rid}",  # the request id, as dead letters name it
                                            "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
 
+    async def _authenticate(self, scope: dict[str, Any], headers: Headers, path: str, rid: str) -> Response | None:
+        """Who is calling (any valid credential; roles are checked by each route's `require`). The
+        principal goes to request.state.principal; the credential itself is never logged or echoed."""
+        auth = self.authenticator
+        header = headers.get("authorization")
+        if not header and auth.open_access:  # demo mode: as before roles existed
+            scope["state"]["principal"] = auth.demo_principal()
+            return None
+        scheme, _, token = (header or "").partition(" ")
+        token = token.strip()
+        principal = None
+        if header and scheme.lower() == "bearer" and token:
+            try:
+                principal = await run_in_threadpool(auth.authenticate_bearer, token)
+            except Exception as exc:  # the store cannot answer: not the client's fault
+                log.error("authentication unavailable", extra={"channel": CHANNEL, "reason": type(exc).__name__})
+                text = "authentication is unavailable now (the store cannot answer); retry later"
+                return error_for_path(scope.get("app"), path, 503, text, headers={"Retry-After": "5"}, request_id=rid,
+                                      fhir=lambda: error_response(503, text, code="transient",
+                                                                  headers={"Retry-After": "5"}))
+        if principal is not None:
+            scope["state"]["principal"] = principal
+            return None
+        if not header:
+            text, challenge = "authentication required: send Authorization: Bearer <token>", 'Bearer realm="esource"'
+        else:
+            text = "the bearer token is not valid (unknown, malformed, expired or revoked)"
+            challenge = 'Bearer realm="esource", error="invalid_token"'
+        return error_for_path(scope.get("app"), path, 401, text, headers={"WWW-Authenticate": challenge},
+                              request_id=rid, fhir=lambda: error_response(401, text, code="login",
+                                                                         headers={"WWW-Authenticate": challenge}))
+
     def _refuse(self, headers: Headers, method: str, path: str, bad_rid: bool) -> Response | None:
-        if self._secret is not None and path not in PUBLIC_PATHS:
-            auth = headers.get("authorization")
-            challenge = {"WWW-Authenticate": 'Bearer realm="esource"'}
-            if not auth:
-                return error_response(401, "authentication required: send Authorization: Bearer <token>",
-                                      code="login", headers=challenge)
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(_secret_digest(token.strip()), self._secret):
-                return error_response(401, "the bearer token is not valid", code="login",
-                                      headers={"WWW-Authenticate": 'Bearer realm="esource", error="invalid_token"'})
         if bad_rid:
             return error_response(400, f"{REQUEST_ID_HEADER} must be 1 to 200 characters of letters, digits and "
                                        "._:/@+=~- (it becomes the intake key)", code="value", expression=REQUEST_ID_HEADER)
@@ -534,13 +565,39 @@ def _subject_out(e: Enrollment) -> SubjectOut:
                       day1=e.day1, withdrawn=e.withdrawal_date, identifier_count=len(e.identifiers))
 
 
+def _enrollment_event(new: Enrollment, old: Enrollment | None, actor: str) -> AuditEvent:
+    """ENROLLMENT_CREATED/CHANGED for the audit trail: site and dates (old -> new), and of the patient's
+    identifiers only how many there are and whether they changed — never an identifier."""
+    fields = {"site_oid": "site_oid", "consent": "consent_date", "day1": "day1", "withdrawn": "withdrawal_date"}
+
+    def text(value: Any) -> str | None:
+        return None if value is None else str(value)
+
+    detail: dict[str, Any] = {"identifier_count": len(new.identifiers)}
+    if old is None:
+        detail.update({name: text(getattr(new, attr)) for name, attr in fields.items()})
+        return AuditEvent(AuditAction.ENROLLMENT_CREATED, actor=actor, study_oid=new.study_oid,
+                          subject_key=new.subject_key, site_oid=new.site_oid, reason="subject enrolled", detail=detail)
+    changed = {name: [text(getattr(old, attr)), text(getattr(new, attr))] for name, attr in fields.items()
+               if getattr(old, attr) != getattr(new, attr)}
+    detail["changed"] = changed
+    detail["identifiers_changed"] = set(old.identifiers) != set(new.identifiers)
+    what = sorted(changed) + (["identifiers"] if detail["identifiers_changed"] else [])
+    return AuditEvent(AuditAction.ENROLLMENT_CHANGED, actor=actor, study_oid=new.study_oid,
+                      subject_key=new.subject_key, site_oid=new.site_oid,
+                      reason=f"changed: {', '.join(what)}" if what else "saved unchanged", detail=detail)
+
+
 def _oo_response(description: str) -> dict[str, Any]:
     return {"description": description,
             "content": {FHIR_JSON: {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}}}
 
 
 _COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: _oo_response("Outside demo mode: no or wrong `Authorization: Bearer` token"),
+    401: _oo_response("No, invalid, expired or revoked `Authorization: Bearer` credential (in demo mode a "
+                      "request without one acts as the demo admin)"),
+    403: _oo_response("The caller lacks the role (intake: system or admin; enrollment reads: CRA of the "
+                      "subject's site, data_manager, admin; enrollment writes: admin), or the study or site"),
     500: _oo_response("Unexpected error (no details; the request id names it in the logs)"),
 }
 
@@ -595,8 +652,14 @@ transactions out to the EDC, per study map.
   come out.
 * **Operations** — `/health`, `/ready`, `/metrics` (Prometheus).
 
-Every error is a FHIR **OperationOutcome** (`application/fhir+json`). Outside demo mode every endpoint but
-`/health`, `/ready` and `/metrics` needs `Authorization: Bearer <token>`.
+* **Role-based API** — `/me`, transfers, the ODM ClinicalData pull, audit, lineage, reconciliation: for CRAs
+  (their sites), data managers, admins and EDC service accounts (one study).
+
+Errors of FHIR intake and enrollment are FHIR **OperationOutcome**s (`application/fhir+json`); errors of the
+role-based API are RFC 9457 **problem details** (`application/problem+json`). Every endpoint but `/health`,
+`/ready` and `/metrics` needs `Authorization: Bearer <token>`: an API token (`esource users token`), an OIDC
+JWT of the configured issuer, or the bootstrap secret. Roles: `cra` ⊂ `data_manager` ⊂ `admin` (read
+rights), `edc` (ODM pull of its study), `system` (FHIR intake).
 """
 
 
@@ -660,8 +723,11 @@ def create_app(container: Container) -> FastAPI:
 
     # ------------------------------------------------------------------ FHIR intake
 
+    intake_role = [Depends(require(Role.SYSTEM, Role.ADMIN))]  # before the body is read (no body parameter)
+
     @app.post("/fhir", tags=["FHIR intake"], status_code=202, response_class=FhirJSONResponse,
               response_model=OperationOutcome, responses=_FHIR_RESPONSES, openapi_extra=_FHIR_BODY,
+              dependencies=intake_role,
               summary="Receive a FHIR R4 Bundle or resource",
               description="Parse, match to enrolled subjects, map per study, and queue the ODM transactions. "
                           "A Bundle of any type or a single resource. Invalid Bundle entries do not block the "
@@ -673,6 +739,7 @@ def create_app(container: Container) -> FastAPI:
 
     @app.post("/fhir/$process-message", tags=["FHIR intake"], status_code=202, response_class=FhirJSONResponse,
               response_model=OperationOutcome, responses=_FHIR_RESPONSES, openapi_extra=_FHIR_BODY,
+              dependencies=intake_role,
               summary="FHIR messaging: process a message Bundle",
               description="The body must be a Bundle of type `message` whose first entry is a MessageHeader "
                           "(else 422, kept as a dead letter). Processed like `POST /fhir`; answered 202 "
@@ -698,7 +765,7 @@ def create_app(container: Container) -> FastAPI:
         except EnrollmentError as exc:
             raise HTTPException(422, str(exc)) from None
 
-    def save(enrollment: Enrollment, *, create: bool) -> Enrollment:
+    def save(enrollment: Enrollment, *, create: bool, actor: str = SYSTEM_ACTOR) -> Enrollment:
         from sqlalchemy.exc import IntegrityError
 
         with container.store.uow() as uow:
@@ -710,6 +777,7 @@ def create_app(container: Container) -> FastAPI:
                 raise HTTPException(404, f"no subject {enrollment.subject_key} in {enrollment.study_oid}")
             try:
                 uow.add_enrollment(enrollment)
+                uow.audit(_enrollment_event(enrollment, existing, actor))
                 uow.commit()
             except EnrollmentError as exc:  # an identifier already enrolled for another subject
                 raise HTTPException(409, str(exc)) from None
@@ -725,20 +793,21 @@ def create_app(container: Container) -> FastAPI:
              description="SubjectKey, site, consent, Day 1 and withdrawal of every subject. **The patients' "
                          "identifiers are never returned** (privacy: they stay inside esource); "
                          "`identifier_count` says how many are on file.")
-    def list_subjects(study: str) -> list[SubjectOut]:
+    def list_subjects(study: str, who: Principal = Depends(require(Role.CRA))) -> list[SubjectOut]:
         s = study_of(study)
         with container.store.uow(read_only=True) as uow:
-            return [_subject_out(e) for e in uow.enrollments(s.oid)]
+            return [_subject_out(e) for e in uow.enrollments(s.oid) if who.can_see_site(e.site_oid)]
 
     @app.get("/studies/{study}/subjects/{subject_key}", tags=["enrollment"], response_model=SubjectOut,
              responses={404: _oo_response("Unknown study or subject"), **_COMMON_ERRORS},
              summary="One enrolled subject", description="As in the list: identifiers are never returned.")
-    def get_subject(study: str, subject_key: str) -> SubjectOut:
+    def get_subject(study: str, subject_key: str, who: Principal = Depends(require(Role.CRA))) -> SubjectOut:
         s = study_of(study)
         with container.store.uow(read_only=True) as uow:
             e = _find_subject(uow, s.oid, subject_key)
         if e is None:
             raise HTTPException(404, f"no subject {subject_key} in {s.oid}")
+        ensure_site(who, e.site_oid)
         return _subject_out(e)
 
     @app.post("/studies/{study}/subjects", tags=["enrollment"], status_code=201, response_model=SubjectOut,
@@ -754,10 +823,12 @@ def create_app(container: Container) -> FastAPI:
                           "on or before Day 1, withdrawal on or after consent). From now on FHIR input about a "
                           "patient with one of these identifiers is mapped for this subject. The answer does not "
                           "echo the identifiers.")
-    def create_subject(study: str, body: SubjectIn, request: Request) -> Response:
+    def create_subject(study: str, body: SubjectIn, request: Request,
+                       who: Principal = Depends(require(Role.ADMIN))) -> Response:
         s = study_of(study)
         idents = tuple(dict.fromkeys((i.system, i.value) for i in body.identifiers))
-        e = save(checked(s, body.subject_key, body.site_oid, idents, body.consent, body.day1, body.withdrawn), create=True)
+        e = save(checked(s, body.subject_key, body.site_oid, idents, body.consent, body.day1, body.withdrawn), create=True,
+                 actor=who.actor)
         return JSONResponse(_subject_out(e).model_dump(mode="json"), status_code=201,
                             headers={"Location": f"/studies/{s.oid}/subjects/{e.subject_key}"})
 
@@ -768,9 +839,10 @@ def create_app(container: Container) -> FastAPI:
                         422: _oo_response("Not valid for the study (see POST)"), **_COMMON_ERRORS},
              summary="Change an enrolled subject (e.g. record a withdrawal)",
              description="Only the fields given change; `withdrawn: null` clears a withdrawal, `identifiers` "
-                         "replaces the list. A withdrawal stops the transfer of data dated after it (the next "
-                         "message about the subject is mapped with it).")
-    def update_subject(study: str, subject_key: str, body: SubjectUpdate) -> SubjectOut:
+                         "replaces the list. A withdrawal stops the transfer of data dated after it. A change of "
+                         "Day 1, consent or withdrawal date re-maps the subject's stored data at once.")
+    def update_subject(study: str, subject_key: str, body: SubjectUpdate,
+                       who: Principal = Depends(require(Role.ADMIN))) -> SubjectOut:
         s = study_of(study)
         with container.store.uow(read_only=True) as uow:
             current = _find_subject(uow, s.oid, subject_key)
@@ -784,7 +856,16 @@ def create_app(container: Container) -> FastAPI:
                   if body.identifiers is not None else current.identifiers)
         e = checked(s, subject_key, body.site_oid or current.site_oid, idents, body.consent or current.consent_date,
                     body.day1 or current.day1, body.withdrawn if "withdrawn" in given else current.withdrawal_date)
-        return _subject_out(save(e, create=False))
+        saved = save(e, create=False, actor=who.actor)
+        moved = [name for name, old, new in (("Day 1", current.day1, saved.day1),
+                                             ("consent date", current.consent_date, saved.consent_date),
+                                             ("withdrawal date", current.withdrawal_date, saved.withdrawal_date))
+                 if old != new]
+        processor = container.processors.get(s.oid)
+        if moved and processor is not None:
+            # the dates place every reading in its visit: re-map the subject's stored facts at once
+            processor.remap([subject_key], actor=who.actor, reason=f"enrollment changed: {', '.join(moved)}")
+        return _subject_out(saved)
 
     # ------------------------------------------------------------------ operations
 
@@ -839,10 +920,15 @@ def create_app(container: Container) -> FastAPI:
             log.warning("outbox depth not refreshed", extra={"reason": type(exc).__name__})
         return Response(container.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    secret = settings.auth_secret.get_secret_value() if settings.mode != "demo" and settings.auth_secret else None
-    if settings.mode != "demo" and secret is None:  # Settings refuses this already; never serve open by mistake
+    if settings.mode != "demo" and settings.auth_secret is None:  # Settings refuses this already
         raise ValueError("an auth secret is required outside demo mode")
-    app.add_middleware(_EdgeMiddleware, secret=secret,  # type: ignore[arg-type]
+    from esource.api import mount_api
+
+    mount_api(app, container)  # the role-based API; problem details on its routes
+    from esource.web import mount_web
+
+    mount_web(app, container)  # the dashboard under /ui (session cookie; the API's roles)
+    app.add_middleware(_EdgeMiddleware, authenticator=get_authenticator(container),  # type: ignore[arg-type]
                        api_max_bytes=min(settings.http.max_body_bytes, _ENROLLMENT_MAX_BYTES))
     return app
 

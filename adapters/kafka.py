@@ -110,6 +110,19 @@ class _DlqSend:
     future: Any = None
 
 
+@dataclass
+class _Work:
+    """A polled record on its way through one batch."""
+
+    tp: TopicPartition
+    state: _PartitionState
+    record: Any
+    env: Envelope
+    outcome: str | None = None  # processed | duplicate | dead_letter
+    fresh: bool = False  # dead-lettered now (not a replay of an earlier dead letter)
+    dlq: tuple[str, bytes] | None = None  # (reason, payload) to publish on the dead-letter topic
+
+
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, intake: "KafkaIntake") -> None:
         self.intake = intake
@@ -301,14 +314,15 @@ class KafkaIntake:
     # ------------------------------------------------------------------ one cycle
 
     def run_once(self, timeout_ms: int | None = None) -> BatchResult:
-        """Poll once, process every record in partition order, flush the DLQ producer, commit."""
+        """Poll once, process the whole poll as one batch (one unit of work per study, each subject
+        mapped once: `IngestService.ingest_batch`), flush the DLQ producer, commit. A store failure
+        sends every partition of the batch back to its first unprocessed record (nothing is skipped)."""
         consumer = self._ensure_consumer()
         self._resume_due(consumer)
-        batch = consumer.poll(timeout_ms=self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms,
-                              max_records=self.settings.max_poll_records)
-        self._last_poll = time.monotonic()
+        batch = self._poll_batch(consumer, self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms)
         result = BatchResult()
         dlq: list[_DlqSend] = []
+        work: list[_Work] = []
         for tp, records in batch.items():
             state = self._parts.get(tp)
             if state is None:
@@ -325,15 +339,9 @@ class KafkaIntake:
                     break
                 if state.done is not None and record.offset < state.done:
                     continue  # already handled (a fetch that raced a seek)
-                try:
-                    outcome = self._handle(tp, state, record, dlq)
-                except Exception as exc:
-                    self._retry_later(consumer, tp, state, record.offset, exc)
-                    result.outcomes["retry"] += 1
-                    break
-                state.done = record.offset + 1
-                state.failures = 0
-                result.outcomes[outcome] += 1
+                work.append(_Work(tp, state, record, self._envelope(record)))
+        if work:
+            self._process(consumer, work, dlq, result)
         if dlq:
             self._flush_dlq(consumer, dlq, result)
         try:
@@ -346,9 +354,82 @@ class KafkaIntake:
             log.info("kafka batch", extra={"count": result.polled, "kind": dict(result.outcomes)})
         return result
 
-    def _handle(self, tp: TopicPartition, state: _PartitionState, record: Any, dlq: list[_DlqSend]) -> str:
-        env = self._envelope(record)
-        value: bytes | None = record.value
+    def _poll_batch(self, consumer: Any, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
+        """One poll, then more for up to `batch_linger_ms` while fewer than `batch_max_records` came:
+        a backlog is processed in large batches (each subject mapped once per batch), while a trickle
+        waits at most the linger time."""
+        s = self.settings
+        batch: dict[TopicPartition, list[Any]] = {}
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=min(s.max_poll_records, s.batch_max_records))
+        self._last_poll = time.monotonic()
+        total = 0
+        for tp, records in polled.items():
+            batch.setdefault(tp, []).extend(records)
+            total += len(records)
+        deadline = time.monotonic() + s.batch_linger_ms / 1000.0
+        while 0 < total < s.batch_max_records and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            polled = consumer.poll(timeout_ms=max(1, int(remaining * 1000)),
+                                   max_records=min(s.max_poll_records, s.batch_max_records - total))
+            self._last_poll = time.monotonic()
+            if not polled:
+                break
+            for tp, records in polled.items():
+                batch.setdefault(tp, []).extend(records)
+                total += len(records)
+        return batch
+
+    def _process(self, consumer: Any, work: list["_Work"], dlq: list[_DlqSend], result: BatchResult) -> None:
+        earlier = self._dead_letter_reasons([w.env.intake_key for w in work if w.state.replaying])
+        batch: list[_Work] = []
+        for w in work:
+            w.outcome = self._precheck(w, earlier)
+            if w.outcome is None:
+                batch.append(w)
+        if batch:
+            try:
+                answers = self.container.ingest.ingest_batch([(w.record.value, w.env) for w in batch])
+            except Exception as exc:
+                first: dict[TopicPartition, _Work] = {}
+                for w in batch:
+                    first.setdefault(w.tp, w)
+                for w in work:  # what precedes a partition's first failed record is done
+                    f = first.get(w.tp)
+                    if f is None or w.record.offset < f.record.offset:
+                        self._to_dlq(w, dlq)
+                        self._done(w, result)
+                for tp, w in first.items():
+                    self._retry_later(consumer, tp, w.state, w.record.offset, exc)
+                    result.outcomes["retry"] += 1
+                return
+            for w, res in zip(batch, answers):
+                if not res.accepted:
+                    w.dlq = (res.error or "rejected", w.record.value)
+                    w.outcome, w.fresh = "dead_letter", True
+                else:
+                    w.outcome = "duplicate" if res.duplicate else "processed"
+        for w in work:  # DLQ records in input order
+            self._to_dlq(w, dlq)
+            self._done(w, result)
+
+    def _to_dlq(self, w: "_Work", dlq: list[_DlqSend]) -> None:
+        if w.dlq is not None:
+            reason, value = w.dlq
+            dlq.append(self._dlq_record(w.tp, w.record, w.env, reason, value))
+
+    def _done(self, w: "_Work", result: BatchResult) -> None:
+        w.state.done = w.record.offset + 1
+        w.state.failures = 0
+        if w.outcome == "processed" or w.fresh:
+            w.state.replaying = False
+        result.outcomes[w.outcome or "processed"] += 1
+
+    def _precheck(self, w: "_Work", earlier: dict[str, str]) -> str | None:
+        """Records that never reach the mapping: empty, oversized, or dead-lettered before a crash or
+        rebalance (then only re-published to the DLQ topic). None: process it."""
+        value: bytes | None = w.record.value
         limit = self.settings.max_message_bytes
         problem: str | None = None
         if value is None:
@@ -356,27 +437,16 @@ class KafkaIntake:
         elif len(value) > limit:
             problem = f"message of {len(value)} bytes exceeds the limit of {limit} bytes"
         dlq_value = value if problem is None else b""
-        if state.replaying:
-            earlier = self._dead_letter_reason(env.intake_key)
-            if earlier is not None:  # dead-lettered before a crash or rebalance: only re-publish
-                dlq.append(self._dlq_record(tp, record, env, earlier, dlq_value))
-                return "dead_letter"
+        if w.state.replaying and w.env.intake_key in earlier:
+            w.dlq = (earlier[w.env.intake_key], dlq_value)
+            return "dead_letter"
         if problem is not None:
-            exc = IntakeError(env.origin, problem)
-            self.container.ingest.dead_letter(value or b"", env, exc)
-            dlq.append(self._dlq_record(tp, record, env, str(exc), dlq_value))
-            state.replaying = False
+            exc = IntakeError(w.env.origin, problem)
+            self.container.ingest.dead_letter(value or b"", w.env, exc)
+            w.dlq = (str(exc), dlq_value)
+            w.fresh = True
             return "dead_letter"
-        assert value is not None
-        res = self.container.ingest.ingest_bytes(value, env)
-        if not res.accepted:
-            dlq.append(self._dlq_record(tp, record, env, res.error or "rejected", dlq_value))
-            state.replaying = False
-            return "dead_letter"
-        if res.duplicate:
-            return "duplicate"
-        state.replaying = False
-        return "processed"
+        return None
 
     def _envelope(self, record: Any) -> Envelope:
         topic, partition, offset = record.topic, record.partition, record.offset
@@ -392,15 +462,24 @@ class KafkaIntake:
         return Envelope(CHANNEL, f"{topic}:{partition}:{offset}", origin=f"kafka {topic}[{partition}]@{offset}",
                         source_system=source_system, event_time=event_time)
 
-    def _dead_letter_reason(self, intake_key: str) -> str | None:
+    def _dead_letter_reasons(self, intake_keys: list[str]) -> dict[str, str]:
+        """Reasons of inputs dead-lettered before (one query for the whole poll)."""
+        if not intake_keys:
+            return {}
         from sqlalchemy import select
 
         from esource.store.schema import DeadLetterRow
 
         t = DeadLetterRow.__table__
+        out: dict[str, str] = {}
         with self.container.store.uow(read_only=True) as uow:
-            return uow.session.execute(select(t.c.reason).where(t.c.channel == CHANNEL, t.c.intake_key == intake_key)
-                                       .order_by(t.c.id).limit(1)).scalar()
+            for i in range(0, len(intake_keys), 500):
+                rows = uow.session.execute(select(t.c.intake_key, t.c.reason)
+                                           .where(t.c.channel == CHANNEL, t.c.intake_key.in_(intake_keys[i:i + 500]))
+                                           .order_by(t.c.id))
+                for key, reason in rows:
+                    out.setdefault(key, reason)
+        return out
 
     # ------------------------------------------------------------------ dead-letter topic
 

@@ -32,10 +32,13 @@ How answers map to the EdcConnector port:
   `errorCode.valueTypeMismatch`), its message names each failed item with OC's message and -- a
   partial success -- lists the items that WERE applied and stay in OpenClinica.
 - Job FAILED (nothing applied) -> permanent rejection, code `error.jobFailed`.
-- Import answers: 401/403 (authentication), 404 (`errorCode.studyNotExist`), 415
-  (`errorCode.invalidXMLFile`, `errorCode.fileFormatNotSupported`), other 4xx, and a 200 carrying an
-  error code instead of a job uuid (`errorCode.noRoleSetUp`, `errorCode.noSufficientPrivileges` ...)
-  -> permanent rejection with OC's code.
+- Import answers: 404 (`errorCode.studyNotExist`), 415 (`errorCode.invalidXMLFile`,
+  `errorCode.fileFormatNotSupported`), other 4xx, and a 200 carrying an error code instead of a job
+  uuid (`errorCode.noRoleSetUp`, `errorCode.noSufficientPrivileges` ...) -> permanent rejection with
+  OC's code.
+- 401/403 (the token refused: expired, revoked, wrong) to the import, a job poll, a read-back or the
+  study metadata -> `EdcAuthenticationError`: the dispatcher stops sending to OpenClinica and keeps
+  every transaction pending. A job already submitted is still remembered and followed afterwards.
 - 408/425/429/5xx (Retry-After honoured), timeouts, connection resets, a job not finished within
   `poll_timeout`, a job OC no longer knows -> `TransientDeliveryError`. Re-sending is safe: identical
   values come back "No Change".
@@ -71,12 +74,12 @@ from urllib.parse import quote
 import httpx
 from lxml import etree
 
-from esource.connectors.sandbox import parse_retry_after
+from esource.connectors.common import OwnsHttpClient, parse_retry_after, redact, transaction_key
 from esource.domain.model import SubjectTransaction
 from esource.domain.ports import ConnectorCapabilities, DeliveryReceipt
 from esource.errors import IntakeError
 from esource.odm.xsd import ODM_NAMESPACES, safe_parse
-from esource.services.dispatch import TransientDeliveryError
+from esource.services.dispatch import EdcAuthenticationError, TransientDeliveryError
 
 __all__ = ["OpenClinicaConnector", "ImportLogRow", "parse_import_log", "transaction_key", "OC_NS"]
 
@@ -86,14 +89,11 @@ _N = "{" + ODM_NS + "}"
 _OC = "{" + OC_NS + "}"
 _MAX_MESSAGE = 2000
 _TRANSIENT_4XX = {408, 425, 429}
+_AUTH_STATUSES = (401, 403)
 _APPLIED = ("Inserted", "Updated")
 _NO_CHANGE = "No Change"
 _LOG_HEADER = "SubjectKey"
 JOB_FAILED = "error.jobFailed"
-
-
-def transaction_key(tx: SubjectTransaction) -> str:
-    return f"{tx.study_oid}/{tx.subject_key}/{tx.sequence}"
 
 
 # ---------------------------------------------------------------------------------------- the job log
@@ -172,12 +172,13 @@ class _JobOutcome:
     rows: list[ImportLogRow] = dataclasses.field(default_factory=list)
     detail: str = ""
     retry_after: float | None = None
+    status: int | None = None  # the HTTP status of an abort
 
 
 # ---------------------------------------------------------------------------------------- the connector
 
 
-class OpenClinicaConnector:
+class OpenClinicaConnector(OwnsHttpClient):
     """`EdcConnector` for OpenClinica 4. Thread-safe (one pooled httpx.Client)."""
 
     name = "openclinica"
@@ -193,8 +194,7 @@ class OpenClinicaConnector:
         self.poll_max = poll_max
         self.poll_timeout = poll_timeout
         self._sleep = sleep
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=timeout, follow_redirects=False)
+        self._use_client(client, timeout)
         self._auth = {"Authorization": f"Bearer {token}"}
         self._secrets = [s for s in (token,) if s]
         self._lock = threading.Lock()
@@ -203,16 +203,6 @@ class OpenClinicaConnector:
 
     def capabilities(self) -> ConnectorCapabilities:
         return ConnectorCapabilities("openclinica", read_back=True, idempotency_key=False, integer_repeat_keys=False)
-
-    def close(self) -> None:
-        if self._owns_client:
-            self._client.close()
-
-    def __enter__(self) -> OpenClinicaConnector:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"OpenClinicaConnector({self.base_url!r})"
@@ -243,9 +233,12 @@ class OpenClinicaConnector:
             pending = self._pending.get(subject)
         if pending is not None:
             outcome = self._await_job(pending.job, transaction.study_oid, key)
+            if outcome.kind == "abort":
+                raise EdcAuthenticationError(f"OpenClinica at {self.base_url}: cannot follow import job {pending.job} "
+                                             f"of {pending.key}: {outcome.detail}", status=outcome.status)
             if pending.key == key and pending.sha == sha:
                 return self._conclude(subject, pending, outcome, resumed=True)
-            if outcome.kind in ("running", "error", "abort"):
+            if outcome.kind in ("running", "error"):
                 raise TransientDeliveryError(
                     f"OpenClinica: import job {pending.job} of {pending.key} is still unresolved "
                     f"({outcome.detail}); {key} waits for it (a late job would overwrite newer values)",
@@ -290,8 +283,10 @@ class OpenClinicaConnector:
             raise TransientDeliveryError(f"OpenClinica: HTTP {status} importing {key}: {text}", code=str(status),
                                          retry_after=retry_after)
         code = _oc_code(text) or str(status)
-        what = "authentication failed" if status in (401, 403) else "import refused"
-        raise _Rejected(code, f"OpenClinica: HTTP {status}, {what} for {key}: {text}")
+        if status in _AUTH_STATUSES:
+            raise EdcAuthenticationError(f"OpenClinica at {self.base_url}: HTTP {status}, authentication failed "
+                                         f"importing {key}: {text}", status=status, code=code)
+        raise _Rejected(code, f"OpenClinica: HTTP {status}, import refused for {key}: {text}")
 
     def _await_job(self, job: str, study: str, key: str) -> _JobOutcome:
         """Poll the job with capped exponential backoff until it is done, FAILED, unknown, or poll_timeout."""
@@ -329,8 +324,9 @@ class OpenClinicaConnector:
             return _JobOutcome("error", detail=f"unexpected answer to the job poll: {self._text(r)[:200]}")
         if r.status_code == 404:
             return _JobOutcome("gone", detail=self._text(r)[:200])
-        if r.status_code in (401, 403):
-            return _JobOutcome("abort", detail=f"HTTP {r.status_code} polling the job: {self._text(r)[:200]}")
+        if r.status_code in _AUTH_STATUSES:
+            return _JobOutcome("abort", detail=f"HTTP {r.status_code} polling the job: {self._text(r)[:200]}",
+                               status=r.status_code)
         return _JobOutcome("error", detail=f"HTTP {r.status_code} polling the job: {self._text(r)[:200]}",
                            retry_after=parse_retry_after(r.headers.get("retry-after")))
 
@@ -359,9 +355,9 @@ class OpenClinicaConnector:
         key, job = pending.key, pending.job
         again = " (followed again after an earlier send)" if resumed else ""
         if outcome.kind == "abort":
-            raise TransientDeliveryError(
-                f"OpenClinica: cannot follow import job {job} of {key}{again}: {outcome.detail}; the next send "
-                "follows the same job", ambiguous=True)
+            raise EdcAuthenticationError(
+                f"OpenClinica at {self.base_url}: cannot follow import job {job} of {key}{again}: {outcome.detail}; "
+                "the next send follows the same job", status=outcome.status)
         if outcome.kind in ("running", "error"):
             raise TransientDeliveryError(
                 f"OpenClinica: import job {job} of {key} not finished within {self.poll_timeout:g}s{again} "
@@ -432,6 +428,10 @@ class OpenClinicaConnector:
                 ambiguous=False) from None
         if r.status_code == 404:
             return None
+        if r.status_code in _AUTH_STATUSES:
+            raise EdcAuthenticationError(f"OpenClinica at {self.base_url}: HTTP {r.status_code} to the read-back of "
+                                         f"{study_oid}/{subject_key}: {self._text(r)}", status=r.status_code,
+                                         code=str(r.status_code))
         if r.status_code != 200:
             raise TransientDeliveryError(
                 f"OpenClinica: read-back of {study_oid}/{subject_key}: HTTP {r.status_code}: {self._text(r)}",
@@ -457,6 +457,9 @@ class OpenClinicaConnector:
             r = self._client.get(url, headers={"Accept": "application/xml", **self._auth}, timeout=self.timeout)
         except (httpx.HTTPError, OSError) as exc:
             raise TransientDeliveryError(f"OpenClinica: study metadata of {study}: {type(exc).__name__}") from None
+        if r.status_code in _AUTH_STATUSES:
+            raise EdcAuthenticationError(f"OpenClinica at {self.base_url}: HTTP {r.status_code} to the study metadata "
+                                         f"of {study}: {self._text(r)}", status=r.status_code, code=str(r.status_code))
         if r.status_code == 404:
             design: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         elif r.status_code != 200:
@@ -492,9 +495,7 @@ class OpenClinicaConnector:
         return self._redact(text)[:_MAX_MESSAGE]
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self._secrets)
 
 
 class _Rejected(Exception):

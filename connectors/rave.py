@@ -43,8 +43,12 @@ Answers (parsed with rwslib: `RWSPostResponse`, `RWSPostErrorResponse`, `RWSErro
 - 200 `IsTransactionSuccessful="1"` -> accepted, reference = ReferenceNumber, message =
   SuccessStatistics;
 - an RWS refusal (`<Response ReasonCode=...>` or an ODM error document) with a 4xx status: validation,
-  unknown study/site/subject, credentials -> permanent rejection, code = the RWS ReasonCode, message =
-  ErrorClientResponseMessage (and ErrorOriginLocation); other 4xx -> permanent with the HTTP status;
+  unknown study/site/subject, a field or form the user may not write (403 RWS00042) -> permanent
+  rejection, code = the RWS ReasonCode, message = ErrorClientResponseMessage (and
+  ErrorOriginLocation); other 4xx -> permanent with the HTTP status;
+- the credentials refused (401, RWS00008 "Incorrect login and password combination", a 403 without an
+  RWS reason code: a gateway refusing the account), to a POST or a read-back ->
+  `EdcAuthenticationError` (the dispatcher stops sending to Rave: every transaction stays pending);
 - 5xx, 408, 429 (Retry-After honoured), timeouts, dropped connections -> TransientDeliveryError
   (`ambiguous=True` when no answer came back).
 Credentials (password, the Basic token) never appear in a message or repr.
@@ -70,15 +74,15 @@ from lxml import etree
 from rwslib.rws_requests import PostDataRequest, SubjectDatasetRequest, VersionRequest, make_url
 from rwslib.rwsobjects import RWSError, RWSErrorResponse, RWSPostErrorResponse, RWSPostResponse
 
-from esource.connectors.sandbox import parse_retry_after
+from esource.connectors.common import OwnsHttpClient, parse_retry_after, redact
 from esource.domain.model import SubjectTransaction
 from esource.domain.ports import ConnectorCapabilities, DeliveryReceipt, EdcKeyMap
 from esource.errors import IntakeError
 from esource.odm.xsd import ODM_NAMESPACES, safe_parse
 from esource.services.conflicts import same_value
-from esource.services.dispatch import TransientDeliveryError
+from esource.services.dispatch import EdcAuthenticationError, TransientDeliveryError
 
-__all__ = ["RaveConnector", "MDSOL_NS", "SUBJECT_ALREADY_EXISTS", "VALUE_EXISTS"]
+__all__ = ["RaveConnector", "MDSOL_NS", "SUBJECT_ALREADY_EXISTS", "VALUE_EXISTS", "INCORRECT_LOGIN"]
 
 ODM_NS = ODM_NAMESPACES["1.3.2"]
 MDSOL_NS = "http://www.mdsol.com/ns/odm/metadata"
@@ -86,6 +90,7 @@ _N = "{" + ODM_NS + "}"
 _M = "{" + MDSOL_NS + "}"
 _XML_DECLARATION = b'<?xml version="1.0" encoding="utf-8"?>\n'
 SUBJECT_ALREADY_EXISTS = "RWS00024"
+INCORRECT_LOGIN = "RWS00008"
 VALUE_EXISTS = "RAVE_VALUE_EXISTS"
 _MAX_MESSAGE = 2000
 _TRANSIENT_4XX = {408, 425, 429}
@@ -123,7 +128,7 @@ class _Plan:
     refusal: DeliveryReceipt | None = None
 
 
-class RaveConnector:
+class RaveConnector(OwnsHttpClient):
     """`EdcConnector` for Medidata Rave over RWS. Thread-safe (one pooled httpx.Client)."""
 
     name = "rave"
@@ -141,8 +146,7 @@ class RaveConnector:
         self.dataset_type = dataset_type
         self.verify_before_send = verify_before_send
         self._root_url = make_url(self.base_url, virtual_dir)
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=timeout, follow_redirects=False)
+        self._use_client(client, timeout)
         self._auth = httpx.BasicAuth(username, password)
         token = base64.b64encode(f"{username}:{password}".encode()).decode()
         self._secrets = [s for s in (f"{username}:{password}", token, password) if s]
@@ -152,16 +156,6 @@ class RaveConnector:
 
     def capabilities(self) -> ConnectorCapabilities:
         return ConnectorCapabilities(self.name, read_back=True, idempotency_key=False, integer_repeat_keys=True)
-
-    def close(self) -> None:
-        if self._owns_client:
-            self._client.close()
-
-    def __enter__(self) -> RaveConnector:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RaveConnector({self.base_url!r}, environment={self.environment!r})"
@@ -391,6 +385,7 @@ class RaveConnector:
                 f"{key}; it may have been applied: the next attempt reads the subject back first",
                 ambiguous=True) from None
         answer = self._answer(r, post=True)
+        self._raise_if_auth(answer, f"the POST of {key}")
         if answer.transient:
             self._unsure(key)  # an error page after Rave committed is possible: read back before re-sending
             raise TransientDeliveryError(f"Rave: HTTP {r.status_code} for {key}: {answer.message}",
@@ -423,7 +418,16 @@ class RaveConnector:
         if answer.transient or r.status_code >= 500:
             raise TransientDeliveryError(f"Rave: read-back of {study}/{subject}: HTTP {r.status_code}: "
                                          f"{answer.message}", code=answer.code, retry_after=answer.retry_after)
+        self._raise_if_auth(answer, f"the read-back of {study}/{subject}")
         raise _Refused(answer)
+
+    def _raise_if_auth(self, answer: _Answer, what: str) -> None:
+        """Credentials refused: not about this transaction, every request would fail the same way."""
+        bare_403 = answer.status == 403 and answer.rws_code is None  # a gateway refusing the account
+        if answer.status == 401 or answer.rws_code == INCORRECT_LOGIN or bare_403:
+            raise EdcAuthenticationError(f"Rave at {self.base_url} refused the credentials for {what}: HTTP "
+                                         f"{answer.status} {answer.code}: {answer.message}", status=answer.status,
+                                         code=answer.code)
 
     def _answer(self, r: httpx.Response, *, post: bool) -> _Answer:
         """Read an RWS answer with rwslib's parsers, after esource's hostile-XML check (rwslib's own
@@ -469,9 +473,7 @@ class RaveConnector:
         return DeliveryReceipt(False, permanent=True, code=answer.code or str(answer.status), message=answer.message)
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self._secrets)
 
 
 # ---------------------------------------------------------------------------------------- helpers

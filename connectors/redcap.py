@@ -36,7 +36,9 @@ How REDCap's answers map onto the EdcConnector port:
 - 200 -> accepted (code "200"); nothing to import -> accepted, code "duplicate" (or "empty").
 - 400 (REDCap's validation errors, `{"error": "..."}` naming record, field and value) and other 4xx ->
   a permanent rejection carrying the HTTP status as code and REDCap's own message.
-- 401/403 (a wrong or revoked token) -> a permanent rejection, code "403"; the token is never shown.
+- 401/403 (a wrong or revoked token, a token without API rights), to an import or an export ->
+  `EdcAuthenticationError`: the dispatcher stops sending to the project and keeps every transaction
+  pending; the token is never shown.
 - 408, 425, 429 and 5xx (Retry-After honoured), timeouts, connection resets and unreadable answers
   -> `TransientDeliveryError` (ambiguous when the import may have been applied).
 
@@ -53,6 +55,7 @@ PyCap needs no metadata call) and `import_records`. Deviations, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -62,17 +65,23 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from lxml import etree
 
-from esource.connectors.sandbox import parse_retry_after
+from esource.connectors.common import (
+    Closing,
+    parse_retry_after,
+    redact,
+    transaction_key,
+    userinfo_secrets,
+    without_userinfo,
+)
 from esource.domain.model import SubjectTransaction
 from esource.domain.ports import ConnectorCapabilities, DeliveryReceipt, EdcKeyMap
 from esource.errors import IntakeError
 from esource.odm.xsd import ODM_NAMESPACES, safe_parse
-from esource.services.dispatch import TransientDeliveryError
+from esource.services.dispatch import EdcAuthenticationError, TransientDeliveryError
 from esource.study.metadata import ItemDef, StudyMetadata, load_metadata
 
 __all__ = [
@@ -87,14 +96,10 @@ _ODM_NS = ODM_NAMESPACES["1.3.2"]
 _MAX_MESSAGE = 2000
 _TRANSIENT_4XX = {408, 425, 429}
 _SIMPLE_CODE = re.compile(r"^[A-Za-z0-9_]+$")
+_REDCAP_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 ItemPath = tuple[str, "str | None", str, str, "str | None", str]
 """(study_event_oid, study_event_repeat_key, form_oid, item_group_oid, item_group_repeat_key, item_oid)"""
-
-
-def transaction_key(tx: SubjectTransaction) -> str:
-    """`<study>/<subject>/<sequence>`: how a transaction is named in messages."""
-    return f"{tx.study_oid}/{tx.subject_key}/{tx.sequence}"
 
 
 # ------------------------------------------------------------------------------------------------ naming
@@ -114,22 +119,38 @@ def redcap_name(oid: str, *, drop_prefix: str = "") -> str:
 
 @dataclass(frozen=True, slots=True)
 class RedcapNaming:
-    """THE naming rule of a study's REDCap project (connector, emulator and tests all go through it)."""
+    """THE naming rule of a study's REDCap project (connector, emulator and tests all go through it).
+    The names derived from the OIDs can be overridden one by one (`event_names`, `instrument_names`,
+    `field_names`: OID -> REDCap name), for a project whose names were chosen by hand; an explicit
+    name must be a valid REDCap name (lower case letters, digits, underscores; a letter first)."""
 
     item_prefix: str = "IT."
     form_prefix: str = "F."
     event_prefix: str = ""  # kept: SE.BASELINE -> se_baseline_arm_1
     arm: int = 1
     record_id_field: str = RECORD_ID_FIELD
+    event_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    instrument_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    field_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for what, names in (("event", self.event_names), ("instrument", self.instrument_names),
+                            ("field", self.field_names), ("record id field", {"": self.record_id_field})):
+            bad = sorted(f"{oid} -> {name!r}" if oid else repr(name) for oid, name in names.items()
+                         if not _REDCAP_NAME.fullmatch(name))
+            if bad:
+                raise ValueError(f"not a valid REDCap {what} name: {', '.join(bad)} (lower case letters, digits and "
+                                 "underscores, a letter first)")
 
     def field(self, item_oid: str) -> str:
-        return redcap_name(item_oid, drop_prefix=self.item_prefix)
+        return self.field_names.get(item_oid) or redcap_name(item_oid, drop_prefix=self.item_prefix)
 
     def instrument(self, form_oid: str) -> str:
-        return redcap_name(form_oid, drop_prefix=self.form_prefix)
+        return self.instrument_names.get(form_oid) or redcap_name(form_oid, drop_prefix=self.form_prefix)
 
     def event(self, event_oid: str) -> str:
-        return f"{redcap_name(event_oid, drop_prefix=self.event_prefix)}_arm_{self.arm}"
+        derived = f"{redcap_name(event_oid, drop_prefix=self.event_prefix)}_arm_{self.arm}"
+        return self.event_names.get(event_oid) or derived
 
     @staticmethod
     def complete_field(instrument: str) -> str:
@@ -209,6 +230,13 @@ class RedcapMapping:
         that collide)."""
         naming = naming or RedcapNaming()
         md = metadata
+        for what, given, known in (("StudyEventOID", naming.event_names, md.study_events),
+                                   ("FormOID", naming.instrument_names, md.forms),
+                                   ("ItemOID", naming.field_names, md.items)):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise ValueError(f"REDCap names given for {what}s the study {md.study_oid} does not have: "
+                                 f"{', '.join(unknown)}")
         event_order = [oid for oid in md.event_order()]
         events = {oid: naming.event(oid) for oid in event_order}
         instruments = {oid: naming.instrument(oid) for oid in md.forms}
@@ -527,7 +555,7 @@ class _Wanted:
     value: str  # "" for Remove / IsNull
 
 
-class RedcapConnector:
+class RedcapConnector(Closing):
     """`EdcConnector` for a REDCap project (one study). Thread-safe.
 
     - `api_url`: the REDCap API endpoint (`.../api/`; added when missing, PyCap insists on it).
@@ -553,8 +581,8 @@ class RedcapConnector:
         self.key_map = key_map
         self.mapping = mapping
         self.verify_before_write = verify_before_write
-        self._secrets = [token, *_userinfo_secrets(self.api_url)]
-        self._shown_url = _without_userinfo(self.api_url)
+        self._secrets = [token, *userinfo_secrets(self.api_url)]
+        self._shown_url = without_userinfo(self.api_url)
         self._lock = threading.Lock()
         self._ambiguous: OrderedDict[str, None] = OrderedDict()  # transactions whose last attempt was ambiguous
         self._fields = mapping.data_fields()
@@ -581,12 +609,6 @@ class RedcapConnector:
 
     def close(self) -> None:
         """Nothing to release: PyCap pools connections in its module-wide requests session."""
-
-    def __enter__(self) -> RedcapConnector:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RedcapConnector({self._shown_url!r}, study={self.mapping.study_oid!r})"
@@ -774,9 +796,9 @@ class RedcapConnector:
         if isinstance(exc, _HttpStatus):
             status = exc.status
             if status in (401, 403):
-                return DeliveryReceipt(False, permanent=True, code=str(status),
-                                       message=f"REDCap refused the API token ({exc.text}); check the token and its "
-                                               "API rights")
+                raise EdcAuthenticationError(f"{where} refused the API token for the {what} (HTTP {status}: {exc.text}); "
+                                             "check the token and its API rights", status=status,
+                                             code=str(status)) from None
             if status in _TRANSIENT_4XX or status >= 500:
                 if writing:
                     self._remember(key)
@@ -828,10 +850,7 @@ class RedcapConnector:
             self._ambiguous.pop(key, None)
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret:
-                text = text.replace(secret, "***")
-        return _USERINFO.sub(r"\1***@", text)
+        return redact(text, self._secrets)
 
 
 # ------------------------------------------------------------------------------------------------ ODM out
@@ -892,9 +911,6 @@ def _path_text(path: ItemPath) -> str:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
-
-
 def _api_url(url: str) -> str:
     """PyCap wants the API URL to end with `/api/`."""
     if url.endswith("/api/"):
@@ -922,18 +938,3 @@ def _error_text(response: requests.Response) -> str:
         text = re.sub(r"<[^>]+>", " ", body) if "html" in ctype else body
     text = " ".join(text.split()) if "\n" not in text.strip() else text.strip()
     return text or f"HTTP {response.status_code} {response.reason or ''}".strip()
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def _userinfo_secrets(url: str) -> list[str]:
-    parts = urlsplit(url)
-    return [s for s in (parts.password,) if s]

@@ -8,8 +8,10 @@ on the transaction key the sandbox receives in `X-Esource-Transaction`.
 How answers map to the EdcConnector port:
 - 201 (applied) and 200 (a duplicate: the original receipt, nothing applied) -> accepted, with the
   EDC's reference (a duplicate has code "duplicate").
-- 400, 401, 403, 404, 409 (other than "out of order"), 413, 415, 422 and other 4xx -> a permanent
-  rejection carrying the HTTP status as code and the EDC's own message.
+- 400, 404, 409 (other than "out of order"), 413, 415, 422 and other 4xx -> a permanent rejection
+  carrying the HTTP status as code and the EDC's own message.
+- 401, 403 (a wrong API key; to send and to read back) -> `EdcAuthenticationError`: the dispatcher
+  stops sending to the sandbox and keeps every transaction pending.
 - 409 "out of order", 408, 429 (Retry-After honoured), 5xx (Retry-After honoured), timeouts,
   connection errors, unexpected statuses -> `TransientDeliveryError` (retried by the dispatcher).
 Credentials (the API key, user:password in the URL) never appear in a message.
@@ -17,47 +19,30 @@ Credentials (the API key, user:password in the URL) never appear in a message.
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
-import re
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import httpx
 
+from esource.connectors.common import (
+    OwnsHttpClient,
+    parse_retry_after,
+    redact,
+    transaction_key,
+    userinfo_secrets,
+    without_userinfo,
+)
 from esource.domain.model import SubjectTransaction
 from esource.domain.ports import ConnectorCapabilities, DeliveryReceipt
-from esource.services.dispatch import TransientDeliveryError
+from esource.services.dispatch import EdcAuthenticationError, TransientDeliveryError
 
 TRANSACTION_HEADER = "X-Esource-Transaction"
 _MAX_MESSAGE = 2000
 _TRANSIENT_4XX = {408, 425, 429}
+_AUTH_STATUSES = (401, 403)
 
 
-def transaction_key(tx: SubjectTransaction) -> str:
-    """`<study>/<subject>/<sequence>`: what the sandbox de-duplicates on and orders by."""
-    return f"{tx.study_oid}/{tx.subject_key}/{tx.sequence}"
-
-
-def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> float | None:
-    """Retry-After as seconds: a number (fractions accepted) or an HTTP date; None when absent/unreadable."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.timezone.utc)
-        seconds = (when - (now or dt.datetime.now(dt.timezone.utc))).total_seconds()
-    return max(0.0, seconds) if seconds == seconds else None  # NaN guard
-
-
-class SandboxConnector:
+class SandboxConnector(OwnsHttpClient):
     """`EdcConnector` for the sandbox EDC. Thread-safe (one pooled httpx.Client)."""
 
     name = "sandbox"
@@ -66,24 +51,13 @@ class SandboxConnector:
                  api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=timeout, follow_redirects=False)
+        self._use_client(client, timeout)
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._secrets = [s for s in (api_key, *_userinfo_secrets(self.base_url)) if s]
-        self._shown_url = _without_userinfo(self.base_url)
+        self._secrets = [s for s in (api_key, *userinfo_secrets(self.base_url)) if s]
+        self._shown_url = without_userinfo(self.base_url)
 
     def capabilities(self) -> ConnectorCapabilities:
         return ConnectorCapabilities("sandbox", read_back=True, idempotency_key=True, integer_repeat_keys=False)
-
-    def close(self) -> None:
-        if self._owns_client:
-            self._client.close()
-
-    def __enter__(self) -> SandboxConnector:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SandboxConnector({self._shown_url!r})"
@@ -116,6 +90,9 @@ class SandboxConnector:
         message = self._message(r, body)
         vendor_code = body.get("code") if isinstance(body, dict) else None
         retry_after = parse_retry_after(r.headers.get("retry-after"))
+        if status in _AUTH_STATUSES:
+            raise EdcAuthenticationError(f"sandbox EDC at {self._shown_url}: HTTP {status}: {message}", status=status,
+                                         code=str(vendor_code or status))
         if status == 409 and (vendor_code == "OUT_OF_ORDER" or "out of order" in message.lower()):
             raise TransientDeliveryError(f"sandbox EDC: HTTP 409 for {key}: {message}", code="409")
         if status in _TRANSIENT_4XX or status >= 500 or status < 400:
@@ -133,6 +110,9 @@ class SandboxConnector:
                 f"{type(exc).__name__}", ambiguous=False) from None
         if r.status_code == 404:
             return None
+        if r.status_code in _AUTH_STATUSES:
+            raise EdcAuthenticationError(f"sandbox EDC at {self._shown_url}: HTTP {r.status_code} to the read-back: "
+                                         f"{self._message(r, _json(r))}", status=r.status_code, code=str(r.status_code))
         if r.status_code != 200:
             raise TransientDeliveryError(
                 f"sandbox EDC: read-back of {study_oid}/{subject_key}: HTTP {r.status_code}: {self._message(r, _json(r))}",
@@ -153,12 +133,7 @@ class SandboxConnector:
         return self._redact(text)[:_MAX_MESSAGE]
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return _USERINFO.sub(r"\1***@", text)
-
-
-_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+        return redact(text, self._secrets)
 
 
 def _json(r: httpx.Response) -> Any:
@@ -168,18 +143,3 @@ def _json(r: httpx.Response) -> Any:
         return r.json()
     except ValueError:
         return None
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def _userinfo_secrets(url: str) -> list[str]:
-    parts = urlsplit(url)
-    return [s for s in (parts.password,) if s]

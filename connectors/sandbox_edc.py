@@ -11,7 +11,10 @@ What it promises, like a real EDC would:
 - The transaction key is the `X-Esource-Transaction` header (`<study>/<subject>/<sequence>`), else
   the ODM FileOID. A key seen before answers 200 with the ORIGINAL receipt and applies nothing (the
   same key with different content is refused: 409). With the header, a subject's transactions must
-  arrive in sequence (1, 2, 3 ...): anything else is 409 "out of order".
+  arrive in sequence (1, 2, 3 ...): anything else is 409 "out of order". A transaction the sandbox
+  refused (a 4xx about its content: 400, 404, 409, 413, 422, an injected rejection) counts as arrived:
+  esource may give it up (a data manager closed the rejection) and go on with the next sequence, or
+  send it again after a fix (re-queued) as long as no later transaction was applied.
 - A transaction applies atomically or not at all: ItemData Insert on an existing item, Update or
   Remove on a missing one, is 409 with the item named, and nothing of the file is kept.
 - Per item: the value, the transaction key that set it and its AuditRecord (user, location,
@@ -40,12 +43,20 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from lxml import etree
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from esource.errors import IntakeError
 from esource.odm.xsd import ODM_NAMESPACES, safe_parse, validate_odm
-from esource.connectors.emulators.faults import Fault, FaultPlan, drop_connection
+from esource.connectors.emulators.common import (
+    ITEM_PATH_COLUMNS,
+    ITEM_PATH_UNIQUE,
+    add_fault_routes,
+    open_sqlite,
+    read_limited_body,
+    serve_standalone,
+)
+from esource.connectors.emulators.faults import Fault, FaultPlan, FaultRequestBase, drop_connection
 
 __all__ = ["SandboxEdc", "create_sandbox_app", "run_sandbox", "main", "TRANSACTION_HEADER", "DEFAULT_MAX_BODY_BYTES"]
 
@@ -187,7 +198,15 @@ def parse_transaction_header(value: str | None, study: str) -> tuple[str, str, i
 # --------------------------------------------------------------------------------------------------
 # storage
 
-_SCHEMA = """
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS refusal (
+    study TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    refused_at TEXT NOT NULL,
+    PRIMARY KEY (study, subject, sequence)
+);
 CREATE TABLE IF NOT EXISTS tx (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study TEXT NOT NULL,
@@ -212,15 +231,7 @@ CREATE TABLE IF NOT EXISTS subject (
     PRIMARY KEY (study, subject)
 );
 CREATE TABLE IF NOT EXISTS item (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    event TEXT NOT NULL,
-    event_repeat TEXT NOT NULL,
-    form TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    group_repeat TEXT NOT NULL,
-    item TEXT NOT NULL,
+    {ITEM_PATH_COLUMNS},
     value TEXT,
     tx_key TEXT,
     user_oid TEXT,
@@ -230,18 +241,10 @@ CREATE TABLE IF NOT EXISTS item (
     source_id TEXT,
     edited_by_site INTEGER NOT NULL DEFAULT 0,
     updated_at TEXT NOT NULL,
-    UNIQUE (study, subject, event, event_repeat, form, grp, group_repeat, item)
+    {ITEM_PATH_UNIQUE}
 );
 CREATE TABLE IF NOT EXISTS item_audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    event TEXT NOT NULL,
-    event_repeat TEXT NOT NULL,
-    form TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    group_repeat TEXT NOT NULL,
-    item TEXT NOT NULL,
+    {ITEM_PATH_COLUMNS},
     action TEXT NOT NULL,
     value TEXT,
     previous_value TEXT,
@@ -262,18 +265,8 @@ class SandboxEdc:
 
     def __init__(self, db_path: Path | None = None) -> None:
         self.db_path = Path(db_path) if db_path is not None else None
-        if self.db_path is not None:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.db_path) if self.db_path else ":memory:", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            if self.db_path is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged transaction survives a crash
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(_SCHEMA)
+        self._db = open_sqlite(self.db_path, _SCHEMA)  # synchronous=FULL: an acknowledged transaction survives a crash
 
     def close(self) -> None:
         with self._lock:
@@ -310,8 +303,11 @@ class SandboxEdc:
                                            f"carries data for {', '.join(others)}")
                     row = db.execute("SELECT last_sequence FROM subject WHERE study = ? AND subject = ?",
                                      (study, subject_key)).fetchone()
-                    last = row["last_sequence"] if row is not None else 0
-                    if sequence != last + 1:
+                    applied = row["last_sequence"] if row is not None else 0
+                    refused = {r[0] for r in db.execute("SELECT sequence FROM refusal WHERE study = ? AND subject = ?",
+                                                        (study, subject_key))}
+                    last = max([applied, *refused])
+                    if sequence != last + 1 and not (sequence in refused and sequence > applied):
                         raise SandboxError(409, "OUT_OF_ORDER",
                                            f"out of order: subject {subject_key} expects transaction sequence "
                                            f"{last + 1}, got {sequence}; nothing applied")
@@ -335,6 +331,17 @@ class SandboxEdc:
                 _rollback(db)
                 raise
         return 201, {"reference": reference, "items": n_items, "key": key, "duplicate": False}
+
+    def refused(self, study: str, header: tuple[str, str, int], code: str) -> None:
+        """Remember a refused transaction of a subject (see the module docstring: it counts as arrived)."""
+        _, subject, sequence = header
+        with self._lock:
+            row = self._db.execute("SELECT last_sequence FROM subject WHERE study = ? AND subject = ?",
+                                   (study, subject)).fetchone()
+            if row is not None and sequence <= row["last_sequence"]:
+                return  # applied before (an answer lost, then refused): nothing to remember
+            self._db.execute("INSERT OR REPLACE INTO refusal (study, subject, sequence, code, refused_at) "
+                             "VALUES (?, ?, ?, ?, ?)", (study, subject, sequence, code, _utc_now()))
 
     def _apply_subject(self, db: sqlite3.Connection, sop: SubjectOp, key: str, now: str) -> None:
         exists = db.execute("SELECT 1 FROM subject WHERE study = ? AND subject = ?",
@@ -515,6 +522,11 @@ class SandboxEdc:
         return b'<?xml version="1.0" encoding="UTF-8"?>\n' + etree.tostring(root, encoding="UTF-8", pretty_print=True)
 
 
+def _is_refusal(exc: SandboxError) -> bool:
+    """A refusal of the transaction's content (it counts as arrived), not a transient or credentials answer."""
+    return 400 <= exc.status < 500 and exc.status not in (401, 403, 408, 425, 429) and exc.code != "OUT_OF_ORDER"
+
+
 def _rollback(db: sqlite3.Connection) -> None:
     try:
         db.execute("ROLLBACK")
@@ -539,31 +551,16 @@ def _item_json(r: sqlite3.Row) -> dict[str, Any]:
 # fault injection
 
 
-class FaultRequest(BaseModel):
+class FaultRequest(FaultRequestBase):
     """`POST /_faults`. `mode` (or `modes`, one picked at random per fault) fails the next `count`
     deliveries (null: until cleared). `rate` < 1 faults each delivery with that probability only
     (`seed` makes it reproducible). `after_commit` (true, or a probability) applies the transaction
     first, then fails: the ambiguous case. `retry_after` for 429/503, `delay` for timeout/slow,
     `status`/`message` for reject."""
 
-    model_config = ConfigDict(extra="forbid")
-
     mode: FaultMode | None = None
     modes: list[FaultMode] | None = None
-    count: int | None = Field(1, ge=0)
-    rate: float = Field(1.0, ge=0.0, le=1.0)
-    seed: int | None = None
-    retry_after: float = Field(1.0, ge=0.0)
-    delay: float = Field(30.0, ge=0.0, le=3600.0)
-    after_commit: bool | float = False
     status: int = Field(422, ge=400, le=499)
-    message: str | None = None
-
-    @model_validator(mode="after")
-    def _one_mode(self) -> "FaultRequest":
-        if not self.mode and not self.modes:
-            raise ValueError("give mode or modes")
-        return self
 
 
 def _fault_response(fault: Fault, *, applied: bool) -> SandboxError:
@@ -638,18 +635,9 @@ def create_sandbox_app(db_path: Path | None = None, *, max_body_bytes: int = DEF
             raise SandboxError(401, "UNAUTHORIZED", "missing or wrong credentials",
                                headers={"WWW-Authenticate": 'Bearer realm="sandbox-edc"'})
 
-    async def _read_body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise SandboxError(413, "TOO_LARGE", f"request body of {int(length)} bytes is over the limit of "
-                                                 f"{max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise SandboxError(413, "TOO_LARGE", f"request body is over the limit of {max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def _too_large(size: int | None) -> SandboxError:
+        of = f" of {size} bytes" if size is not None else ""
+        return SandboxError(413, "TOO_LARGE", f"request body{of} is over the limit of {max_body_bytes} bytes")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -662,20 +650,25 @@ def create_sandbox_app(db_path: Path | None = None, *, max_body_bytes: int = DEF
         if ctype not in _XML_TYPES:
             raise SandboxError(415, "UNSUPPORTED_MEDIA_TYPE",
                                f"expected an ODM XML body ({', '.join(_XML_TYPES)}), got {ctype or 'no content type'!r}")
-        body = await _read_body(request)
+        body = await read_limited_body(request, max_body_bytes, _too_large)
         header = parse_transaction_header(request.headers.get(TRANSACTION_HEADER), study)
         fault = plan.take() if faults else None
-        if fault is not None and not fault.after_commit:
-            if fault.mode == "reset":
-                return await drop_connection(request, "sandbox EDC")
-            if fault.mode == "timeout":
-                await asyncio.sleep(fault.plan.delay)
-                raise _fault_response(fault, applied=False)
-            if fault.mode == "slow":
-                await asyncio.sleep(fault.plan.delay)
-            else:
-                raise _fault_response(fault, applied=False)
-        status, receipt = await run_in_threadpool(_apply, study, body, header)
+        try:
+            if fault is not None and not fault.after_commit:
+                if fault.mode == "reset":
+                    return await drop_connection(request, "sandbox EDC")
+                if fault.mode == "timeout":
+                    await asyncio.sleep(fault.plan.delay)
+                    raise _fault_response(fault, applied=False)
+                if fault.mode == "slow":
+                    await asyncio.sleep(fault.plan.delay)
+                else:
+                    raise _fault_response(fault, applied=False)
+            status, receipt = await run_in_threadpool(_apply, study, body, header)
+        except SandboxError as exc:
+            if header is not None and _is_refusal(exc):
+                await run_in_threadpool(edc.refused, study, header, exc.code)
+            raise
         if fault is not None and fault.after_commit:
             if fault.mode == "reset":
                 return await drop_connection(request, "sandbox EDC")
@@ -730,19 +723,7 @@ def create_sandbox_app(db_path: Path | None = None, *, max_body_bytes: int = DEF
         return edc.site_edit(study, subject, edit.item_path(), edit.value, user_oid=edit.user, reason=edit.reason)
 
     if faults:
-        @app.post("/_faults")
-        def post_faults(req: FaultRequest) -> dict[str, Any]:
-            plan.set(req)
-            return plan.state()
-
-        @app.get("/_faults")
-        def get_faults() -> dict[str, Any]:
-            return plan.state()
-
-        @app.delete("/_faults")
-        def delete_faults() -> dict[str, Any]:
-            plan.clear()
-            return plan.state()
+        add_fault_routes(app, plan, FaultRequest)
 
     return app
 
@@ -772,13 +753,8 @@ def run_sandbox(host: str = "127.0.0.1", port: int = 8090, db_path: Path | None 
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_key: str | None = None,
                 log_level: str = "info") -> None:
     """Serve the sandbox EDC with uvicorn until interrupted (`esource sandbox-edc`)."""
-    import uvicorn
-
     app = create_sandbox_app(db_path, max_body_bytes=max_body_bytes, api_key=api_key)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    finally:
-        app.state.sandbox.close()
+    serve_standalone(app, host, port, app.state.sandbox.close, log_level=log_level)
 
 
 def main(argv: list[str] | None = None) -> None:

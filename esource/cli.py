@@ -141,6 +141,15 @@ def sandbox_edc_command(
     run_sandbox(host, port, db)
 
 
+from esource.api.cli_users import users_app  # noqa: E402  (esource users add|token|revoke|list)
+
+app.add_typer(users_app, name="users")
+
+from esource.audit.cli import audit_app  # noqa: E402  (esource audit verify|export)
+
+app.add_typer(audit_app, name="audit")
+
+
 def main() -> None:
     app()
 

@@ -42,6 +42,11 @@ class Pseudonymizer:
         digest = hmac.new(self._key, basis.encode(), hashlib.sha256).hexdigest()[:32]
         return f"{ref.resource_type}:{digest}"
 
+    def token(self, text: str, kind: str = "ref") -> str:
+        """`<kind>:<hmac>` of any text that may name a patient (intake keys carry file names and
+        request ids): what the audit trail records, resolvable only inside the hospital."""
+        return f"{kind}:{hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()[:32]}"
+
     def source_id(self, ref: SourceRef) -> str:
         """The ODM AuditRecord SourceID: pseudonymous reference plus version."""
         version = ref.version

@@ -3,6 +3,12 @@
 Unsafe values are refused at start: outside demo mode a service needs an auth secret and a pseudonym
 key (secrets only ever come from the environment, never from the YAML file). The flat variables the
 compose file uses (ESOURCE_KAFKA_BOOTSTRAP, ESOURCE_EDC_URL ...) are accepted too.
+
+EDC delivery (`edc`): a default endpoint (connector sandbox | odm_file | rave | redcap | openclinica,
+its URL or folder, its knobs) and per-study endpoints under `edc.studies.<StudyOID>` that override it.
+Every study in `studies` must end up with what its connector needs. EDC credentials (username,
+password, token, api_key) are refused in the file too: ESOURCE_EDC__PASSWORD (or ESOURCE_EDC_PASSWORD),
+ESOURCE_EDC__STUDIES__CV01__TOKEN ... They are SecretStr: never in a repr, a log or an error.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -25,11 +32,16 @@ _FLAT_ENV = {  # flat names used by docker/compose.yaml -> nested keys
     "ESOURCE_KAFKA_DLQ_TOPIC": ("kafka", "dlq_topic"),
     "ESOURCE_EDC_URL": ("edc", "url"),
     "ESOURCE_EDC_CONNECTOR": ("edc", "connector"),
+    "ESOURCE_EDC_FOLDER": ("edc", "folder"),
+    "ESOURCE_EDC_USERNAME": ("edc", "username"),
+    "ESOURCE_EDC_PASSWORD": ("edc", "password"),
+    "ESOURCE_EDC_TOKEN": ("edc", "token"),
     "ESOURCE_HTTP_HOST": ("http", "host"),
     "ESOURCE_HTTP_PORT": ("http", "port"),
     "ESOURCE_LOG_LEVEL": ("log", "level"),
 }
 _SECRET_KEYS = ("auth_secret", "pseudonym_key")
+_EDC_CREDENTIALS = ("username", "password", "token", "api_key")  # in `edc` and in each `edc.studies` entry
 
 
 class _Section(BaseModel):
@@ -51,7 +63,10 @@ class KafkaSettings(_Section):
     session_timeout_ms: int = Field(10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(3_000, ge=100)
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_poll_records: int = Field(200, ge=1)
+    max_poll_records: int = Field(500, ge=1)
+    # a batch = polls gathered for up to batch_linger_ms, at most batch_max_records; one unit of work each
+    batch_max_records: int = Field(2000, ge=1)
+    batch_linger_ms: int = Field(200, ge=0, le=10_000)
     poll_timeout_ms: int = Field(500, ge=10)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
 
@@ -67,12 +82,97 @@ class KafkaSettings(_Section):
         return self
 
 
-class EdcSettings(_Section):
-    connector: Literal["sandbox", "odm_file"] = "sandbox"
-    url: str | None = None  # sandbox EDC base URL
-    folder: Path | None = None  # odm_file drop folder
+EdcConnectorKind = Literal["sandbox", "odm_file", "rave", "redcap", "openclinica"]
+
+
+class RedcapNamingSettings(_Section):
+    """How a study's ODM OIDs name its REDCap project (`esource.connectors.redcap.RedcapNaming`): the
+    derived rule (prefix dropped, lower case, `_arm_<n>` on events) and, for a project built by hand,
+    explicit names that win over the rule."""
+
+    item_prefix: str = "IT."
+    form_prefix: str = "F."
+    event_prefix: str = ""
+    arm: int = Field(1, ge=1)
+    record_id_field: str = Field("record_id", min_length=1)
+    event_names: dict[str, str] = {}  # StudyEventOID -> unique event name, e.g. SE.BASELINE: baseline_arm_1
+    instrument_names: dict[str, str] = {}  # FormOID -> instrument name, e.g. F.VS: vital_signs
+    field_names: dict[str, str] = {}  # ItemOID -> field name, e.g. IT.VS.VSORRES: vs_result
+
+
+class EdcEndpoint(_Section):
+    """One EDC endpoint: which connector, where it is and how to log in. Credentials (username,
+    password, token, api_key) come from the environment only; a URL never carries them."""
+
+    connector: EdcConnectorKind = "sandbox"
+    url: str | None = None  # sandbox base URL | Rave URL (or Medidata URL name) | REDCap API URL | OpenClinica root
+    folder: Path | None = None  # odm_file: the drop folder (one subfolder per study)
     timeout_s: float = Field(10.0, gt=0)
+    username: SecretStr | None = None  # rave: the RWS user
+    password: SecretStr | None = None  # rave
+    token: SecretStr | None = None  # redcap: the project's API token | openclinica: an OAuth bearer token
+    api_key: SecretStr | None = None  # sandbox: optional bearer key
+    environment: str = Field("PROD", min_length=1)  # rave: study CV01 is Rave's CV01(PROD)
+    verify_before_send: bool = True  # rave, redcap: read the subject back before every write
+    poll_initial_s: float = Field(0.5, gt=0)  # openclinica: the import job's polling
+    poll_max_s: float = Field(5.0, gt=0)
+    poll_timeout_s: float = Field(120.0, gt=0)
+    redcap: RedcapNamingSettings = RedcapNamingSettings()
+
+    @field_validator("url")
+    @classmethod
+    def _no_userinfo(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).password is not None:
+            raise ValueError("the URL carries a password: give credentials as username/password/token/api_key "
+                             "from the environment instead")
+        return v
+
+    def missing(self, *, demo: bool) -> list[str]:
+        """The keys this connector needs that are not set."""
+        need = {"sandbox": () if demo else ("url",), "odm_file": ("folder",), "rave": ("url", "username", "password"),
+                "redcap": ("url", "token"), "openclinica": ("url", "token")}[self.connector]
+        return [key for key in need if getattr(self, key) in (None, "")]
+
+
+# what a study entry naming another connector than the default does not take over from the default
+_ENDPOINT_IDENTITY = ("url", "folder", "username", "password", "token", "api_key", "environment")
+
+
+class EdcSettings(EdcEndpoint):
+    """The default EDC endpoint, the dispatcher's knobs, and per-study endpoints (`studies`).
+
+    A study entry overrides the default key by key. An entry naming another `connector` than the
+    default keeps only the general keys of the default (timeout_s, verify_before_send, poll_*): where
+    and who (url, folder, credentials, environment, redcap naming) are then its own. Study keys match
+    case-insensitively, the exact spelling first (environment variable names are read in lower case:
+    ESOURCE_EDC__STUDIES__CV01__TOKEN lands on `cv01`)."""
+
     max_attempts: int = Field(6, ge=1, le=50)
+    auth_recheck_s: float = Field(900.0, ge=0)  # after the EDC refused esource's credentials; 0: until restart
+    studies: dict[str, EdcEndpoint] = {}
+
+    def entries(self, study_oid: str) -> list[EdcEndpoint]:
+        exact = [v for k, v in self.studies.items() if k == study_oid]
+        return exact + [v for k, v in self.studies.items() if k != study_oid and k.lower() == study_oid.lower()]
+
+    def for_study(self, study_oid: str) -> EdcEndpoint:
+        """The endpoint of one study: the default with the study's entries over it."""
+        merged: dict[str, Any] = {name: getattr(self, name) for name in EdcEndpoint.model_fields}
+        naming: dict[str, Any] = self.redcap.model_dump()
+        for entry in self.entries(study_oid):
+            given = entry.model_dump(exclude_unset=True)
+            if given.get("connector", merged["connector"]) != merged["connector"]:
+                merged.update({key: EdcEndpoint.model_fields[key].get_default() for key in _ENDPOINT_IDENTITY})
+                naming = RedcapNamingSettings().model_dump()
+            naming.update(given.pop("redcap", {}))
+            merged.update(given)
+        merged["redcap"] = naming
+        return EdcEndpoint.model_validate(merged)
+
+
+def edc_env_name(key: str, study_oid: str | None = None) -> str:
+    """The environment variable of an EDC key, for messages (`ESOURCE_EDC__STUDIES__CV01__TOKEN`)."""
+    return f"ESOURCE_EDC__STUDIES__{study_oid.upper()}__{key.upper()}" if study_oid else f"ESOURCE_EDC__{key.upper()}"
 
 
 class LogSettings(_Section):
@@ -80,6 +180,40 @@ class LogSettings(_Section):
     json_logs: bool = Field(True, alias="json")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class AuthSettings(_Section):
+    """API authentication (esource.api.auth). OIDC is on when `oidc_issuer` is set: JWTs are checked
+    against the keys of `oidc_jwks_file` and/or `oidc_public_keys` (PEM text or paths), the issuer, the
+    audience and the algorithm allow-list (asymmetric only, never 'none'). Roles, sites and studies come
+    from the named claims (dotted paths, e.g. `realm_access.roles`)."""
+
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_file: Path | None = None
+    oidc_public_keys: list[str] = []
+    oidc_algorithms: list[str] = ["RS256"]
+    oidc_role_claim: str = "roles"
+    oidc_site_claim: str = "sites"
+    oidc_study_claim: str = "studies"
+    oidc_username_claim: str = "preferred_username"
+    oidc_leeway_s: int = Field(30, ge=0, le=300)
+    token_ttl_days: int = Field(90, ge=0, le=3650)  # default lifetime of API tokens (0: no expiry)
+
+    @field_validator("oidc_algorithms", "oidc_public_keys", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) and "-----" not in v else v
+
+    @model_validator(mode="after")
+    def _safe(self) -> "AuthSettings":
+        if any(a.lower() == "none" or a.upper().startswith("HS") for a in self.oidc_algorithms):
+            raise ValueError("auth.oidc_algorithms: only asymmetric algorithms (RS256, ES256 ...), never none/HS*")
+        if self.oidc_issuer and not self.oidc_audience:
+            raise ValueError("auth.oidc_audience is required with auth.oidc_issuer")
+        if self.oidc_issuer and not (self.oidc_jwks_file or self.oidc_public_keys):
+            raise ValueError("auth.oidc_issuer needs keys: auth.oidc_jwks_file or auth.oidc_public_keys")
+        return self
 
 
 class Settings(BaseSettings):
@@ -94,6 +228,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     edc: EdcSettings = EdcSettings()
     log: LogSettings = LogSettings()
+    auth: AuthSettings = AuthSettings()
     auth_secret: SecretStr | None = None
     pseudonym_key: SecretStr | None = None
 
@@ -111,11 +246,28 @@ class Settings(BaseSettings):
                 raise ValueError("ESOURCE_PSEUDONYM_KEY must be set (at least 16 characters) outside demo mode")
             if self.database_url.startswith("sqlite://") and ":memory:" in self.database_url:
                 raise ValueError("an in-memory database loses every transaction on restart: not outside demo mode")
-        if self.edc.connector == "sandbox" and not self.edc.url and self.mode != "demo":
-            raise ValueError("edc.url (ESOURCE_EDC_URL) is required for the sandbox connector")
-        if self.edc.connector == "odm_file" and self.edc.folder is None:
-            raise ValueError("edc.folder is required for the odm_file connector")
+        self._check_edc()
         return self
+
+    def _check_edc(self) -> None:
+        """Every configured study gets a complete endpoint; per-study entries name configured studies."""
+        for key in self.edc.studies:
+            if not any(key.lower() == oid.lower() for oid in self.studies):
+                raise ValueError(f"edc.studies.{key}: {key} is not one of the configured studies "
+                                 f"({', '.join(self.studies)})")
+        for oid in self.studies:
+            endpoint = self.edc.for_study(oid)
+            own = oid if self.edc.entries(oid) else None
+            where = f"edc.studies.{oid}" if own else "edc"
+            for key in endpoint.missing(demo=self.mode == "demo"):
+                env = edc_env_name(key, own) if own else f"ESOURCE_EDC_{key.upper()}"
+                raise ValueError(f"{where}.{key} ({env}) is required for the {endpoint.connector} connector "
+                                 f"(study {oid})")
+            token = endpoint.token.get_secret_value() if endpoint.token is not None else ""
+            if endpoint.connector == "redcap" and len(token) != 32:
+                raise ValueError(f"{where}.token: a REDCap API token has 32 characters (this one has {len(token)})")
+            if endpoint.poll_max_s < endpoint.poll_initial_s:
+                raise ValueError(f"{where}.poll_max_s must be at least poll_initial_s")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -156,7 +308,26 @@ class _YamlSource(PydanticBaseSettingsSource):
             if secret in data:
                 raise StudyConfigError(str(path), f"{secret} must come from the environment "
                                        f"(ESOURCE_{secret.upper()}), never from a file", key=secret)
+        _refuse_edc_credentials(path, data.get("edc"))
         return data
+
+
+def _refuse_edc_credentials(path: Path, edc: Any) -> None:
+    """EDC credentials in the settings file (default endpoint or a study's) are refused, naming the
+    environment variable to use instead; the value itself is never shown."""
+    if not isinstance(edc, dict):
+        return
+    sections: list[tuple[str, str | None, Any]] = [("edc", None, edc)]
+    studies = edc.get("studies")
+    if isinstance(studies, dict):
+        sections += [(f"edc.studies.{oid}", str(oid), entry) for oid, entry in studies.items()]
+    for where, study, section in sections:
+        if not isinstance(section, dict):
+            continue
+        for key in _EDC_CREDENTIALS:
+            if key in section:
+                raise StudyConfigError(str(path), f"{where}.{key} is a credential: it must come from the environment "
+                                       f"({edc_env_name(key, study)}), never from a file", key=f"{where}.{key}")
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

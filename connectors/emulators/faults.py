@@ -10,8 +10,32 @@ import threading
 from collections import Counter
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
+
+
+class FaultRequestBase(BaseModel):
+    """What every emulator's `POST /_faults` takes; each emulator narrows `mode`/`modes` to its own
+    fault modes and adds its own keys (the status of a rejection, a target ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: str | None = None
+    modes: list[str] | None = None
+    count: int | None = Field(1, ge=0)  # None: until cleared
+    rate: float = Field(1.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    retry_after: float = Field(1.0, ge=0.0)  # 429, 503
+    delay: float = Field(30.0, ge=0.0, le=3600.0)  # timeout, slow
+    after_commit: bool | float = False  # or a probability
+    message: str | None = None  # reject
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "FaultRequestBase":
+        if not self.mode and not self.modes:
+            raise ValueError("give mode or modes")
+        return self
 
 
 @dataclasses.dataclass(slots=True)

@@ -88,12 +88,20 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from lxml import etree
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from esource.errors import IntakeError
 from esource.odm.xsd import ODM_NAMESPACES, safe_parse, validate_odm
-from esource.connectors.emulators.faults import drop_connection
+from esource.connectors.emulators.common import (
+    ITEM_PATH_COLUMNS,
+    ITEM_PATH_UNIQUE,
+    add_fault_routes,
+    open_sqlite,
+    read_limited_body,
+    serve_standalone,
+)
+from esource.connectors.emulators.faults import FaultRequestBase, drop_connection
 
 __all__ = ["OpenClinicaEdc", "StudyDesign", "FaultRequest", "create_openclinica_app", "run_openclinica", "main",
            "OC_NS", "CONTEXT", "IMPORT_PATH", "LOG_COLUMNS", "DEFAULT_TOKEN"]
@@ -259,7 +267,7 @@ def check_value(oc_type: str, value: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # storage
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS participant (
     study TEXT NOT NULL,
     label TEXT NOT NULL,
@@ -293,32 +301,16 @@ CREATE TABLE IF NOT EXISTS job (
 );
 CREATE INDEX IF NOT EXISTS job_due ON job (status, due_at, seq);
 CREATE TABLE IF NOT EXISTS item (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    event TEXT NOT NULL,
-    event_repeat TEXT NOT NULL,
-    form TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    group_repeat TEXT NOT NULL,
-    item TEXT NOT NULL,
+    {ITEM_PATH_COLUMNS},
     value TEXT NOT NULL,
     job TEXT,
     username TEXT NOT NULL,
     edited_by_site INTEGER NOT NULL DEFAULT 0,
     updated_at TEXT NOT NULL,
-    UNIQUE (study, subject, event, event_repeat, form, grp, group_repeat, item)
+    {ITEM_PATH_UNIQUE}
 );
 CREATE TABLE IF NOT EXISTS item_audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    event TEXT NOT NULL,
-    event_repeat TEXT NOT NULL,
-    form TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    group_repeat TEXT NOT NULL,
-    item TEXT NOT NULL,
+    {ITEM_PATH_COLUMNS},
     action TEXT NOT NULL,
     value TEXT,
     previous_value TEXT,
@@ -370,8 +362,6 @@ class OpenClinicaEdc:
     def __init__(self, db_path: Path | None = None, *, design: StudyDesign | None = None, job_seconds: float = 0.0,
                  auto_enroll: bool = True, strict_repeat_keys: bool = False, username: str = "esource.api") -> None:
         self.db_path = Path(db_path) if db_path is not None else None
-        if self.db_path is not None:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.design = design
         self.job_seconds = float(job_seconds)
         self.auto_enroll = auto_enroll
@@ -380,15 +370,7 @@ class OpenClinicaEdc:
         self._lock = threading.RLock()
         self._wake = threading.Condition()
         self._stop = threading.Event()
-        self._db = sqlite3.connect(str(self.db_path) if self.db_path else ":memory:", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            if self.db_path is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(_SCHEMA)
+        self._db = open_sqlite(self.db_path, _SCHEMA)
         self._worker = threading.Thread(target=self._run, name="openclinica-jobs", daemon=True)
         self._worker.start()  # also resumes jobs a previous run left IN_PROGRESS (file database)
 
@@ -881,7 +863,7 @@ def _without_oc_extensions(body: bytes) -> bytes:
 # fault injection
 
 
-class FaultRequest(BaseModel):
+class FaultRequest(FaultRequestBase):
     """`POST /_faults`. `mode` (or `modes`, one picked at random per fault) fails the next `count`
     requests of `target` ("import": the import POST, default; "poll": the job polls; "read": the
     read-back) (count null: until cleared). `rate` < 1 faults each request with that probability
@@ -891,23 +873,12 @@ class FaultRequest(BaseModel):
     Job modes (import only): `reject` (the job completes with every form Failed, nothing applied),
     `job_stuck` (IN_PROGRESS `delay` seconds longer), `job_failed` (FAILED, nothing applied)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     mode: FaultMode | None = None
     modes: list[FaultMode] | None = None
     target: FaultTarget = "import"
-    count: int | None = Field(1, ge=0)
-    rate: float = Field(1.0, ge=0.0, le=1.0)
-    seed: int | None = None
-    retry_after: float = Field(1.0, ge=0.0)
-    delay: float = Field(30.0, ge=0.0, le=3600.0)
-    after_commit: bool | float = False
-    message: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> FaultRequest:
-        if not self.mode and not self.modes:
-            raise ValueError("give mode or modes")
         chosen = set(self.modes or []) | ({self.mode} if self.mode else set())
         if self.target != "import" and chosen & _JOB_MODES:
             raise ValueError(f"modes {sorted(chosen & _JOB_MODES)} apply to target 'import' only")
@@ -1101,17 +1072,9 @@ def create_openclinica_app(db_path: Path | None = None, *, token: str = DEFAULT_
                 "error": "unauthorized", "error_description": "Full authentication is required to access this resource"}
             raise OcError(401, body, {"WWW-Authenticate": 'Bearer realm="OpenClinica"'})
 
-    async def _read_body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise OcError(413, f"request body of {int(length)} bytes is over the limit of {max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise OcError(413, f"request body is over the limit of {max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def _too_large(size: int | None) -> OcError:
+        of = f" of {size} bytes" if size is not None else ""
+        return OcError(413, f"request body{of} is over the limit of {max_body_bytes} bytes")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -1120,7 +1083,7 @@ def create_openclinica_app(db_path: Path | None = None, *, token: str = DEFAULT_
     @app.post(IMPORT_PATH)
     async def import_clinical_data(request: Request) -> Response:
         _auth(request)
-        body = await _read_body(request)
+        body = await read_limited_body(request, max_body_bytes, _too_large)
         ctype = request.headers.get("content-type", "")
         file_name: str | None = None
         if ctype.lower().startswith("multipart/"):
@@ -1227,19 +1190,7 @@ def create_openclinica_app(db_path: Path | None = None, *, token: str = DEFAULT_
         return Response(design.odm, media_type="application/xml")
 
     if faults:
-        @app.post("/_faults")
-        def post_faults(req: FaultRequest) -> dict[str, Any]:
-            plan.set(req)
-            return plan.state()
-
-        @app.get("/_faults")
-        def get_faults() -> dict[str, Any]:
-            return plan.state()
-
-        @app.delete("/_faults")
-        def delete_faults(target: FaultTarget | None = None) -> dict[str, Any]:
-            plan.clear(target)
-            return plan.state()
+        add_fault_routes(app, plan, FaultRequest, target_type=FaultTarget)
 
         @app.get("/_test/items")
         def test_items(study: str, subject: str | None = None) -> list[dict[str, Any]]:
@@ -1274,13 +1225,8 @@ def run_openclinica(host: str = "127.0.0.1", port: int = 8091, db_path: Path | N
                     token: str = DEFAULT_TOKEN, metadata: Any = None, job_seconds: float = 1.0,
                     log_level: str = "info") -> None:
     """Serve the emulator with uvicorn until interrupted."""
-    import uvicorn
-
     app = create_openclinica_app(db_path, token=token, metadata=metadata, job_seconds=job_seconds)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    finally:
-        app.state.openclinica.close()
+    serve_standalone(app, host, port, app.state.openclinica.close, log_level=log_level)
 
 
 def main(argv: list[str] | None = None) -> None:

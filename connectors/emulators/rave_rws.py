@@ -85,12 +85,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from lxml import etree
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from esource.errors import IntakeError
 from esource.odm.xsd import ODM_NAMESPACES, safe_parse, validate_tree
-from esource.connectors.emulators.faults import Fault, FaultPlan, drop_connection
+from esource.connectors.emulators.common import add_fault_routes, open_sqlite, read_limited_body, serve_standalone
+from esource.connectors.emulators.faults import Fault, FaultPlan, FaultRequestBase, drop_connection
 
 if TYPE_CHECKING:
     from esource.study.metadata import StudyMetadata
@@ -431,7 +432,19 @@ def parse_post(root: etree._Element, registry: StudyRegistry) -> PostedSubject |
 # storage
 
 
-_SCHEMA = """
+# a data point's place in Rave (its repeat keys are integers), in the datapoint and audit tables
+_POINT_COLUMNS = """id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    event TEXT NOT NULL,
+    event_repeat INTEGER NOT NULL,
+    form TEXT NOT NULL,
+    form_repeat INTEGER NOT NULL,
+    grp TEXT NOT NULL,
+    group_repeat INTEGER NOT NULL,
+    item TEXT NOT NULL"""
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS subject (
     study TEXT NOT NULL,
     subject TEXT NOT NULL,
@@ -443,16 +456,7 @@ CREATE TABLE IF NOT EXISTS subject (
     PRIMARY KEY (study, subject)
 );
 CREATE TABLE IF NOT EXISTS datapoint (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    event TEXT NOT NULL,
-    event_repeat INTEGER NOT NULL,
-    form TEXT NOT NULL,
-    form_repeat INTEGER NOT NULL,
-    grp TEXT NOT NULL,
-    group_repeat INTEGER NOT NULL,
-    item TEXT NOT NULL,
+    {_POINT_COLUMNS},
     value TEXT NOT NULL,
     reference TEXT,
     user_oid TEXT,
@@ -464,16 +468,7 @@ CREATE TABLE IF NOT EXISTS datapoint (
     UNIQUE (study, subject, event, event_repeat, form, form_repeat, grp, group_repeat, item)
 );
 CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    event TEXT NOT NULL,
-    event_repeat INTEGER NOT NULL,
-    form TEXT NOT NULL,
-    form_repeat INTEGER NOT NULL,
-    grp TEXT NOT NULL,
-    group_repeat INTEGER NOT NULL,
-    item TEXT NOT NULL,
+    {_POINT_COLUMNS},
     action TEXT NOT NULL,
     value TEXT,
     previous_value TEXT,
@@ -510,18 +505,8 @@ class RaveRws:
 
     def __init__(self, db_path: Path | str | None = None) -> None:
         self.db_path = Path(db_path) if db_path is not None else None
-        if self.db_path is not None:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.db_path) if self.db_path else ":memory:", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            if self.db_path is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(_SCHEMA)
+        self._db = open_sqlite(self.db_path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -810,32 +795,17 @@ def _rollback(db: sqlite3.Connection) -> None:
 # fault injection
 
 
-class RaveFaultRequest(BaseModel):
+class RaveFaultRequest(FaultRequestBase):
     """`POST /_faults`: the next `count` clinical-data POSTs (null: until cleared) fail with `mode`
     (or one of `modes` at random; `rate` < 1 faults each POST with that probability, `seed` makes it
     reproducible). `after_commit` (true, or a probability) applies the transaction first, then fails.
     `retry_after` for 429/503, `delay` for timeout/slow; `status`, `reason_code` and `message` shape
     the `reject` answer (default 403 RWS00042 "Field not authorised.")."""
 
-    model_config = ConfigDict(extra="forbid")
-
     mode: FaultMode | None = None
     modes: list[FaultMode] | None = None
-    count: int | None = Field(1, ge=0)
-    rate: float = Field(1.0, ge=0.0, le=1.0)
-    seed: int | None = None
-    retry_after: float = Field(1.0, ge=0.0)
-    delay: float = Field(30.0, ge=0.0, le=3600.0)
-    after_commit: bool | float = False
     status: int = Field(403, ge=400, le=499)
     reason_code: str = Field(FIELD_NOT_AUTHORISED, pattern=r"^RWS\d{5}$")
-    message: str | None = None
-
-    @model_validator(mode="after")
-    def _one_mode(self) -> "RaveFaultRequest":
-        if not self.mode and not self.modes:
-            raise ValueError("give mode or modes")
-        return self
 
 
 def _seconds(s: float) -> str:
@@ -923,19 +893,8 @@ def create_rave_app(db_path: Path | str | None = None, *, users: Mapping[str, st
             raise RaveError(401, AUTH, "Incorrect login and password combination.", odm=True, post=post)
         return user or ""
 
-    async def read_body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise RaveError(413, TOO_LARGE, f"The request body is over the maximum request size of {max_body_bytes} "
-                                            "bytes.")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise RaveError(413, TOO_LARGE, f"The request body is over the maximum request size of "
-                                                f"{max_body_bytes} bytes.")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def too_large(_size: int | None) -> RaveError:
+        return RaveError(413, TOO_LARGE, f"The request body is over the maximum request size of {max_body_bytes} bytes.")
 
     def xml(body: bytes, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
         return Response(body, status_code=status, media_type=XML_MEDIA, headers=dict(headers or {}))
@@ -991,7 +950,7 @@ def create_rave_app(db_path: Path | str | None = None, *, users: Mapping[str, st
         if ctype not in ("text/xml", "application/xml"):
             raise RaveError(415, "", f"Unsupported Media Type {ctype or '(none)'}: use Content-type text/xml",
                             plain=True)
-        body = await read_body(request)
+        body = await read_limited_body(request, max_body_bytes, too_large)
         fault = plan.take() if faults else None
         if fault is not None and not fault.after_commit:
             if fault.mode == "reset":
@@ -1083,19 +1042,7 @@ def create_rave_app(db_path: Path | str | None = None, *, users: Mapping[str, st
         return JSONResponse(store.posts())
 
     if faults:
-        @app.post("/_faults")
-        def post_faults(req: RaveFaultRequest) -> dict[str, Any]:
-            plan.set(req)
-            return plan.state()
-
-        @app.get("/_faults")
-        def get_faults() -> dict[str, Any]:
-            return plan.state()
-
-        @app.delete("/_faults")
-        def delete_faults() -> dict[str, Any]:
-            plan.clear()
-            return plan.state()
+        add_fault_routes(app, plan, RaveFaultRequest)
 
     @app.api_route(RWS + "/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"])
     def unknown_url(rest: str) -> Response:
@@ -1111,13 +1058,8 @@ def create_rave_app(db_path: Path | str | None = None, *, users: Mapping[str, st
 def run_rave(host: str = "127.0.0.1", port: int = 8091, db_path: Path | None = None, *,
              users: Mapping[str, str] | None = None, log_level: str = "info") -> None:
     """Serve the emulator with uvicorn until interrupted."""
-    import uvicorn
-
     app = create_rave_app(db_path, users=users)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    finally:
-        app.state.rave.close()
+    serve_standalone(app, host, port, app.state.rave.close, log_level=log_level)
 
 
 def main(argv: list[str] | None = None) -> None:

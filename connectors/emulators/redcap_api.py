@@ -60,14 +60,15 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from lxml import etree
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from esource.connectors.redcap import REPEAT_FIELDS, RedcapField, RedcapMapping
 from esource.errors import IntakeError
 from esource.odm.xsd import safe_parse
 from esource.study.metadata import StudyMetadata, load_metadata
-from esource.connectors.emulators.faults import Fault, FaultPlan, drop_connection
+from esource.connectors.emulators.common import add_fault_routes, open_sqlite, read_limited_body, serve_standalone
+from esource.connectors.emulators.faults import Fault, FaultPlan, FaultRequestBase, drop_connection
 
 __all__ = ["DEFAULT_TOKEN", "REDCAP_VERSION", "RedcapProject", "RedcapApiError", "create_redcap_app", "run_redcap",
            "default_metadata_path", "main"]
@@ -164,13 +165,7 @@ class RedcapProject:
         self.mapping = mapping
         self.db_path = Path(db_path) if db_path is not None else None
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.db_path) if self.db_path else ":memory:", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        if self.db_path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_sqlite(self.db_path, _SCHEMA, synchronous="NORMAL")
         rid = mapping.record_id_field
         self._defs: dict[str, RedcapField] = dict(mapping.field_defs)
         self._complete = {mapping.naming.complete_field(i): i for i in mapping.instruments.values()}
@@ -813,31 +808,16 @@ def _project_groups(m: RedcapMapping) -> dict[str, tuple[str, str]]:
 # fault injection
 
 
-class FaultRequest(BaseModel):
+class FaultRequest(FaultRequestBase):
     """`POST /_faults`. `mode` (or `modes`, one picked at random per fault) fails the next `count`
     record imports (`scope`: "import", "export" or "any" API request; `count` null: until cleared).
     `rate` < 1 faults each with that probability (`seed` for reproducibility). `after_commit` (true, or a
     probability) applies the import first, then fails. `retry_after` for 429/503, `delay` for
     timeout/slow, `message` for reject."""
 
-    model_config = ConfigDict(extra="forbid")
-
     mode: FaultMode | None = None
     modes: list[FaultMode] | None = None
-    count: int | None = Field(1, ge=0)
-    rate: float = Field(1.0, ge=0.0, le=1.0)
-    seed: int | None = None
-    retry_after: float = Field(1.0, ge=0.0)
-    delay: float = Field(30.0, ge=0.0, le=3600.0)
-    after_commit: bool | float = False
-    message: str | None = None
     scope: Literal["import", "export", "any"] = "import"
-
-    @model_validator(mode="after")
-    def _one_mode(self) -> "FaultRequest":
-        if not self.mode and not self.modes:
-            raise ValueError("give mode or modes")
-        return self
 
 
 def _fault_error(fault: Fault, applied: bool, first: tuple[str, str, str] | None) -> RedcapApiError:
@@ -946,17 +926,8 @@ def create_redcap_app(db_path: Path | str | None = None, *, tokens: Mapping[str,
     async def _api_error(_request: Request, exc: RedcapApiError) -> Response:
         return _error(exc.status, exc.message, "json", exc.headers)
 
-    async def _body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise RedcapApiError(413, f"The request body is over the limit of {max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise RedcapApiError(413, f"The request body is over the limit of {max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def _too_large(_size: int | None) -> RedcapApiError:
+        return RedcapApiError(413, f"The request body is over the limit of {max_body_bytes} bytes")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -966,7 +937,7 @@ def create_redcap_app(db_path: Path | str | None = None, *, tokens: Mapping[str,
     @app.post("/api")
     async def api(request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await _body(request)
+        body = await read_limited_body(request, max_body_bytes, _too_large)
         if ctype.startswith("multipart/"):
             return _error(400, "This REDCap emulator takes form-encoded parameters only (no file uploads)", "json")
         try:
@@ -1130,19 +1101,7 @@ def create_redcap_app(db_path: Path | str | None = None, *, tokens: Mapping[str,
         raise RedcapApiError(400, f"The value of the parameter \"content\" ({content}) is not valid")
 
     if faults:
-        @app.post("/_faults")
-        def post_faults(req: FaultRequest) -> dict[str, Any]:
-            plan.set(req)
-            return plan.state()
-
-        @app.get("/_faults")
-        def get_faults() -> dict[str, Any]:
-            return plan.state()
-
-        @app.delete("/_faults")
-        def delete_faults() -> dict[str, Any]:
-            plan.clear()
-            return plan.state()
+        add_fault_routes(app, plan, FaultRequest)
 
         @app.get("/_test/items")
         def test_items(record: str | None = None) -> list[dict[str, Any]]:
@@ -1191,13 +1150,8 @@ def _labelled(row: dict[str, Any], project: RedcapProject) -> dict[str, Any]:
 def run_redcap(host: str = "127.0.0.1", port: int = 8092, db_path: Path | None = None, *,
                tokens: Mapping[str, str] | None = None, metadata: Any = None, log_level: str = "info") -> None:
     """Serve the emulator with uvicorn until interrupted."""
-    import uvicorn
-
     app = create_redcap_app(db_path, tokens=tokens, project_xml_metadata=metadata)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    finally:
-        app.state.redcap.close()
+    serve_standalone(app, host, port, app.state.redcap.close, log_level=log_level)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -115,6 +115,7 @@ class DiscrepancyKind(StrEnum):
     PRIVACY_BLOCKED = "privacy_blocked"
     EDC_REJECTED = "edc_rejected"
     EDC_CONFLICT = "edc_conflict"
+    REVIEW_REQUIRED = "review_required"  # held by a form's review-before-send policy (adjudicate)
 
 
 class Severity(StrEnum):
@@ -151,10 +152,19 @@ class Discrepancy:
     candidates: tuple[dict[str, Any], ...] = ()  # other readings: next candidate, tied readings, proposals
     severity: Severity = Severity.WARNING
     rule: str | None = None
+    # the rest of the ItemKey, when the discrepancy is about one ItemData and knows it (review holds do)
+    item_group_oid: str | None = None
+    study_event_repeat_key: str | None = None
 
     @property
     def key(self) -> tuple[str, ...]:
-        """Stable identity, so re-running the map re-finds the same discrepancy instead of a new one."""
+        """Stable identity, so re-running the map re-finds the same discrepancy instead of a new one.
+        A review hold is one per eCRF cell (its value and source are refreshed as they change), so its
+        last part is the item group and event repeat instead of the source."""
+        if self.kind is DiscrepancyKind.REVIEW_REQUIRED:
+            anchor = f"@{self.item_group_oid or ''}|{self.study_event_repeat_key or ''}"
+        else:
+            anchor = self.source.identity if self.source else ""
         return (
             self.kind.value,
             self.study_oid,
@@ -163,7 +173,7 @@ class Discrepancy:
             self.form_oid or "",
             self.item_group_repeat_key or "",
             self.item_oid or "",
-            self.source.identity if self.source else "",
+            anchor,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 from esource.domain.audit import AuditEvent
 from esource.domain.model import Discrepancy, Enrollment, ItemKey, SubjectTransaction
@@ -103,9 +103,16 @@ class UnitOfWork(Protocol):
     # intake de-duplication
     def seen_intake(self, intake_key: str) -> bool: ...
     def mark_intake(self, intake_key: str) -> None: ...
+    def seen_intakes(self, intake_keys: Sequence[str]) -> set[str]: ...
+    def mark_intakes(self, intake_keys: Sequence[str]) -> None: ...
 
     # subject facts (source resources the map reads)
     def upsert_fact(self, study_oid: str, subject_key: str, fact: StoredFact) -> bool: ...
+    def merge_facts(self, study_oid: str, subject_key: str,
+                    incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
+        """Keep the newest version of each incoming record (stale versions ignored): all facts, oldest
+        first, and the identities new or changed."""
+        ...
     def facts(self, study_oid: str, subject_key: str) -> list[StoredFact]: ...
 
     # item state

@@ -25,6 +25,7 @@ whitespace of the input do not affect the hash. Numbers are hashed as orjson re-
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from typing import Any
 
@@ -126,3 +127,28 @@ def make_source_ref(resource: dict[str, Any], full_url: str | None = None, eleme
     return SourceRef(
         resource_type=rt, id=rid, version=version, identity=identity, full_url=full_url, element=element
     )
+
+
+def _last_updated(resource: dict[str, Any]) -> dt.datetime | None:
+    meta = resource.get("meta")
+    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def is_stale(incoming: dict[str, Any], incoming_version: str, stored: dict[str, Any], stored_version: str) -> bool:
+    """Whether an incoming version of a record is older than the one kept, so it must not replace it
+    (messages can arrive out of order: a replayed backlog, two channels). Older means an earlier
+    `meta.lastUpdated` when both carry one, else a smaller numeric `meta.versionId` when both are
+    numbers; otherwise nothing tells, and the later arrival wins."""
+    new_time, old_time = _last_updated(incoming), _last_updated(stored)
+    if new_time is not None and old_time is not None:
+        return new_time < old_time
+    if incoming_version.isdigit() and stored_version.isdigit():
+        return int(incoming_version) < int(stored_version)
+    return False

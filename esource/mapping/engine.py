@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
 from esource.domain.model import (
@@ -47,6 +46,15 @@ class MappingContext:
     first_seen: FirstSeenRegistry = field(default_factory=InMemoryFirstSeen)
     today: dt.date = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).date())
     validate: bool = True  # validate selected resources with fhir.resources (R4B)
+    # Incremental findings: the source identities new or changed since the last run, and the findings
+    # buckets (StudyEventOID, event repeat key, FormOID, test code) that held values sent from them.
+    # Only buckets holding one of their readings (or listed) are re-selected; the others produced the
+    # same values last time. None = everything (a full re-map: map, Day 1 or withdrawal changes).
+    changed: frozenset[str] | None = None
+    changed_buckets: frozenset[tuple[str, str | None, str, str | None]] = frozenset()
+
+
+VALIDATION_MEMO_SIZE = 100_000  # validation results kept (source identity + version -> issues)
 
 
 class MappingEngine:
@@ -54,6 +62,7 @@ class MappingEngine:
         self.study = study
         self.converter = converter or UnitConverter()
         self.findings = FindingsMapper(study, self.converter)
+        self._validated: dict[tuple[Any, ...], list[Any]] = {}
         self._resource_types = self._needed_types()
 
     def _needed_types(self) -> frozenset[str]:
@@ -105,7 +114,6 @@ class _Run:
         self.birth_date: dt.date | None = None
         self.identifying: set[str] = set()
         self._resolver: ReferenceResolver | None = None
-        self._validated: dict[int, list[Any]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -142,10 +150,14 @@ class _Run:
         """fhir.resources (R4B) validation of what the map reads, for a selected resource only."""
         if not self.ctx.validate:
             return []
-        k = id(src)
-        if k not in self._validated:
-            self._validated[k] = validate_resource(src.resource, elements=elements or None)
-        return self._validated[k]
+        # memoised across runs by source identity and version (they fix the stored content)
+        k = (src.ref.identity, src.ref.version, tuple(elements))
+        memo = self.engine._validated
+        if k not in memo:
+            if len(memo) >= VALIDATION_MEMO_SIZE:
+                memo.clear()
+            memo[k] = validate_resource(src.resource, elements=elements or None)
+        return memo[k]
 
     def invalid_problem(self, src: SourceResource, elements: list[str]) -> Problem | None:
         issues = self.invalid(src, elements)
@@ -327,8 +339,34 @@ class _Run:
                     continue
                 self.not_sent(f"study day {r.day} is outside every visit window for {r.form_oid}", r.ref,
                               form=r.form_oid, test=r.test, detail=r.when.iso_date())
+        touched = self._touched_buckets(candidates)
         for (event, form_oid, test, event_repeat), cands in candidates.items():
-            self.select(visits_by_oid[event], event_repeat, self.study.forms[form_oid], test, cands)
+            if touched is None or (event, event_repeat, form_oid, test) in touched:
+                self.select(visits_by_oid[event], event_repeat, self.study.forms[form_oid], test, cands)
+
+    def _touched_buckets(self, candidates: dict[tuple[str, str, str, str | None], list[Reading]]
+                         ) -> set[tuple[str, str | None, str, str]] | None:
+        """The findings buckets to re-select (None: all). A bucket's selection depends only on its own
+        readings, so a bucket none of whose readings changed selects what it selected before."""
+        changed = self.ctx.changed
+        if changed is None or any(r.ref.identity in changed for r in self.resources if r.resource_type == "Patient"):
+            return None  # the birth date (masking) or identifying strings may have changed: everything
+        touched: set[tuple[str, str | None, str, str]] = set()
+        months = set()
+        for event, event_repeat, form_oid, test in self.ctx.changed_buckets:
+            if test is None:
+                continue
+            touched.add((event, event_repeat, form_oid, test))
+            if event_repeat is not None and len(event_repeat) == 7:  # masked to YYYY-MM (birth date)
+                months.add((event, event_repeat, form_oid, test))
+        for (event, form_oid, test, event_repeat), cands in candidates.items():
+            key = (event, event_repeat, form_oid, test)
+            if key in touched:
+                continue
+            if any(r.ref.identity in changed for r in cands) or (
+                    event_repeat is not None and (event, event_repeat[:7], form_oid, test) in months):
+                touched.add(key)
+        return touched
 
     def select(self, visit: Visit, event_repeat: str | None, form: CompiledForm, test: str,
                cands: list[Reading]) -> None:

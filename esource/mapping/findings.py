@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from esource.study.study import CompiledForm, Study
 
 
+EVALUATION_MEMO_SIZE = 200_000  # evaluated readings kept (a few hundred bytes each)
+READINGS_MEMO_SIZE = 50_000  # Observations whose extracted readings are kept (they hold the resource)
+
+
 @dataclass(slots=True)
 class Problem:
     kind: DiscrepancyKind
@@ -92,6 +96,8 @@ class FindingsMapper:
             if isinstance(f, FindingsForm):
                 loinc_uris.update(study.uris(f.code_system))
         self.code_uris = loinc_uris
+        self._memo: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._readings_memo: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
 
     # ------------------------------------------------------------------ extraction
 
@@ -106,7 +112,23 @@ class FindingsMapper:
         return None
 
     def readings(self, src: SourceResource) -> list[Reading]:
-        """All readings in one Observation (its own code and its components'). Cheap: dict lookups."""
+        """All readings in one Observation (its own code and its components'), fresh for this run.
+        Extraction (codes, dates) is memoised by source identity + version: a subject's old
+        Observations are placed in visits again on every run."""
+        key = (src.ref.identity, src.ref.version)
+        templates = self._readings_memo.get(key)
+        if templates is None:
+            found = self._extract(src)
+            templates = [(r.form_oid, r.test, r.tdef, r.code, r.ref, r.node, r.status, r.when, r.date_path, r.problem)
+                         for r in found]
+            if len(self._readings_memo) >= READINGS_MEMO_SIZE:
+                self._readings_memo.clear()
+            self._readings_memo[key] = templates
+            return found
+        return [Reading(form_oid, test, tdef, code, src, ref, node, status, when, date_path, problem=problem)
+                for form_oid, test, tdef, code, ref, node, status, when, date_path, problem in templates]
+
+    def _extract(self, src: SourceResource) -> list[Reading]:
         obs = src.resource
         code = obs.get("code")
         out: list[Reading] = []
@@ -155,12 +177,28 @@ class FindingsMapper:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, r: Reading, form: "CompiledForm") -> None:
-        """Convert, round and check one reading (once). Sets r.text or r.problem."""
+        """Convert, round and check one reading (once). Sets r.text or r.problem.
+
+        The result depends only on the reading's node (fixed by source identity + version) and the
+        study, so it is memoised across runs: a subject's old readings are re-selected on every new
+        message, but converted once."""
         if r.evaluated:
             return
         r.evaluated = True
         if r.problem is not None:
             return
+        key = (r.ref.identity, r.ref.version, r.ref.element, r.form_oid, r.test, r.code)
+        memo = self._memo.get(key)
+        if memo is not None:
+            (r.value, r.text, r.problem, conversions, r.unit_raw, r.unit_ucum) = memo
+            r.conversions = list(conversions)
+            return
+        self._evaluate(r, form)
+        if len(self._memo) >= EVALUATION_MEMO_SIZE:
+            self._memo.clear()  # bounded memory whatever the backlog; refilled by the next runs
+        self._memo[key] = (r.value, r.text, r.problem, tuple(r.conversions), r.unit_raw, r.unit_ucum)
+
+    def _evaluate(self, r: Reading, form: "CompiledForm") -> None:
         tdef = r.tdef
         q_list = form.lists["quantity"](r.node)
         quantity = q_list[0] if q_list else None

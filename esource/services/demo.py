@@ -66,6 +66,7 @@ class DemoSummary:
     odm_invalid: list[str] = field(default_factory=list)
     store_url: str = ""
     base_url: str = ""
+    credentials: list[Any] = field(default_factory=list)  # esource.api.auth.DemoCredential, one per role
 
 
 def run_demo(workdir: Path, *, reset: bool = True, serve: bool = False, port: int = 8080,
@@ -113,6 +114,9 @@ def run_demo(workdir: Path, *, reset: bool = True, serve: bool = False, port: in
     study = container.studies[study_oid]
     try:
         enroll(container.store.uow, enrollments)
+        from esource.api.auth import get_authenticator, seed_demo_users
+
+        summary.credentials = seed_demo_users(get_authenticator(container), study.oid, study.spec.study.sites[0])
         console.print(f"[bold]esource demo[/] — study {study.oid} ({study.metadata_version_oid}), "
                       f"{len(enrollments)} subjects enrolled, store {summary.store_url}")
         if wanted and port != wanted:
@@ -213,9 +217,23 @@ def _print_summary(console: "Any", summary: DemoSummary, workdir: Path, study_oi
         console.print(f"  dead letter: {dl}")
     for bad in summary.odm_invalid:
         console.print(f"  [red]invalid ODM[/]: {bad}")
+    if summary.credentials:
+        t = Table(title="Demo accounts (demo mode only; without a token a request acts as the demo admin)")
+        for col in ("user", "role", "scope", "password"):
+            t.add_column(col)
+        for c in summary.credentials:
+            t.add_row(c.username, c.role.value, ", ".join((*c.sites, *c.studies)) or "all", c.password)
+        console.print(t)
+        for c in summary.credentials:
+            console.print(f"  {c.username:<12} Authorization: Bearer {c.token}", soft_wrap=True)
     b = summary.base_url
+    logins = ", ".join(f"{c.username} / {c.password}" for c in summary.credentials  # the dashboard's roles
+                       if c.role.value in ("cra", "data_manager", "admin"))
+    console.print(f"\n[bold]Dashboard[/]: {b}/ui/" + (f"  — log in as {logins}" if logins else ""), soft_wrap=True)
     console.print("\nLook at:")
     for url, what in ((f"{b}/docs", "the API (OpenAPI)"), (f"{b}/studies/{study_oid}/subjects", "enrolled subjects"),
+                      (f"{b}/studies/{study_oid}/transfers", "the ODM transactions sent (as a demo token's role)"),
+                      (f"{b}/studies/{study_oid}/odm/clinicaldata", "ODM ClinicalData pull (edc, data_manager)"),
                       (f"{b}/metrics", "Prometheus metrics"), (f"{b}/ready", "readiness"),
                       (f"{b}/edc/studies/{study_oid}/items", "what the sandbox EDC holds"),
                       (f"{b}/edc/studies/{study_oid}/subjects/002-0001/clinicaldata", "a subject's ODM in the EDC")):

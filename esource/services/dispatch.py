@@ -16,9 +16,26 @@ The rules:
   `failed` (visible, with its last error and attempt count) and is retried on a later pass once the
   subject's cool-down (`max_delay`) has passed — a row is never dropped.
 - A permanent rejection (a receipt with `accepted=False, permanent=True`) makes the row `rejected`
-  and opens an `EDC_REJECTED` discrepancy with the vendor's code and message. The subject is blocked
-  — none of its later rows are sent — while it has a `rejected` row: a data manager acts (fixes and
-  re-queues the row to `pending`).
+  and opens (or re-opens) the subject's `EDC_REJECTED` discrepancy with the vendor's code and message.
+  The rule for the subject's later rows: they are held — never sent past the rejected row, however
+  long — while that discrepancy is open or in review (or missing). A data manager ends the hold in one
+  of two ways: (a) re-queue the rejected row (status `pending`, e.g. after fixing the cause in the
+  EDC) and close the discrepancy, in one unit of work: the row goes first, then the later rows, in
+  sequence; (b) close the discrepancy (resolved or dismissed) WITHOUT re-queueing: the row stays
+  `rejected` for good (never sent again; what it carried is the data manager's to enter by hand) and
+  the later rows go. Why: later rows are diffs against what esource sent before, so they must not
+  overtake a row that may still be sent, but a row a data manager gave up must not hold the subject
+  forever. A later rejection re-opens the discrepancy and holds the subject again. Other subjects
+  are never held.
+- Authentication failures are not about one transaction: a connector raises `EdcAuthenticationError`
+  (HTTP 401/403, as each vendor answers a wrong password, token or API right) and the dispatcher
+  stops sending to that connector (every study routed to the same connector instance) instead of
+  rejecting or retrying: the row stays `pending` (last_error says why), so does everything behind it,
+  nothing becomes a discrepancy. After `auth_recheck` seconds exactly one row goes as a probe (no
+  burst of failed logins that could lock the EDC account); an answer other than a refusal of the
+  credentials lifts the stop. A restart with new credentials (or `set_connector`) starts afresh;
+  `auth_recheck=None` (or 0) waits for that. `endpoint_states()` reports `auth_failed` meanwhile;
+  the log line and the row's error carry the vendor's code and message, never a credential.
 - No duplicates: connectors de-duplicate on the transaction key (study/subject/sequence), so sending
   again after an ambiguous failure (a timeout after the EDC committed, a crash between the send and
   the status update) is safe: the EDC answers with its original receipt.
@@ -30,9 +47,11 @@ The rules:
   transient failure of the attempt (nothing is sent unchecked). Connectors without read-back are
   not checked. `check_conflicts=False` turns the check off.
 - A circuit breaker per study: after `breaker_threshold` rows in a row exhausted their attempts, the
-  connector is left alone for `breaker_cooldown` seconds (`esource_edc_circuit_open` is 1 meanwhile).
+  connector is left alone for `breaker_cooldown` seconds (`esource_edc_circuit_open` is 1 meanwhile,
+  and while the connector is stopped for its credentials).
 - Metrics: `esource_deliveries_total{connector,outcome}` per attempt (accepted, duplicate, rejected,
-  transient), per row given up (gave_up) and per row with items withheld for a conflict (conflict);
+  transient, auth_failed), per row given up (gave_up) and per row with items withheld for a conflict
+  (conflict);
   `esource_delivery_latency_seconds` from the outbox row's creation to the EDC's acknowledgement;
   `esource_outbox_depth{status}` for pending/failed/rejected.
 """
@@ -50,6 +69,7 @@ from typing import Any
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_any
 from tenacity.wait import wait_exponential, wait_random
 
+from esource.domain.audit import AuditAction, AuditEvent
 from esource.domain.model import Discrepancy, DiscrepancyKind, ItemKey, Severity, SubjectTransaction
 from esource.domain.ports import Clock, DeliveryReceipt, EdcConnector, SystemClock
 from esource.errors import EsourceError
@@ -75,6 +95,17 @@ class TransientDeliveryError(EsourceError):
         self.ambiguous = ambiguous
 
 
+class EdcAuthenticationError(TransientDeliveryError):
+    """The EDC refused esource's credentials (a wrong or expired password or token, an account without
+    API rights): no transaction of this endpoint can go until they change. Connectors raise it with
+    the vendor's status, code and message, never a credential. A subclass of TransientDeliveryError,
+    so code that does not know it keeps the row instead of rejecting it."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
 @dataclass
 class DispatchReport:
     """What one pass did. `sent` counts accepted transactions (duplicates included)."""
@@ -87,11 +118,13 @@ class DispatchReport:
     conflicts: int = 0  # items withheld because site staff changed them in the EDC (EDC_CONFLICT)
     deferred: int = 0  # rows not attempted: subject or connector backing off, or held behind a failed row
     unroutable: int = 0  # rows of a study without a connector
+    auth_failed: int = 0  # rows the EDC refused for esource's credentials (left pending; the endpoint stopped)
     blocked_subjects: set[tuple[str, str]] = field(default_factory=set)
     references: list[str] = field(default_factory=list)
 
     def merge(self, other: DispatchReport) -> None:
-        for name in ("sent", "rejected", "failed", "retries", "duplicates", "conflicts", "deferred", "unroutable"):
+        for name in ("sent", "rejected", "failed", "retries", "duplicates", "conflicts", "deferred", "unroutable",
+                     "auth_failed"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.blocked_subjects |= other.blocked_subjects
         self.references.extend(other.references)
@@ -112,7 +145,19 @@ class _Circuit:
     open_until: dt.datetime | None = None
 
 
-_DELIVERED, _FAILED, _REJECTED, _DEFERRED = "delivered", "failed", "rejected", "deferred"
+@dataclass
+class _AuthStop:
+    """A connector the EDC refused the credentials of: nothing goes until `until` (None: until restart),
+    then one probe row at a time."""
+
+    name: str
+    since: dt.datetime
+    until: dt.datetime | None
+    reason: str
+    probing: bool = False
+
+
+_DELIVERED, _FAILED, _REJECTED, _DEFERRED, _AUTH = "delivered", "failed", "rejected", "deferred", "auth_failed"
 
 
 class Dispatcher:
@@ -135,6 +180,7 @@ class Dispatcher:
         clock: Clock | None = None,
         sleep: Callable[[float], Any] | None = None,
         check_conflicts: bool = True,
+        auth_recheck: float | None = 900.0,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -152,6 +198,7 @@ class Dispatcher:
         self.breaker_threshold = breaker_threshold
         self.breaker_cooldown = max_delay if breaker_cooldown is None else breaker_cooldown
         self.check_conflicts = check_conflicts
+        self.auth_recheck = auth_recheck or None  # seconds; None: only a restart or set_connector lifts the stop
         self.clock: Clock = clock or SystemClock()
         self._halt = threading.Event()  # set while the service stops: sleeps end, retries stop
         self._sleep = sleep or (lambda seconds: self._halt.wait(seconds))
@@ -161,6 +208,7 @@ class Dispatcher:
         self._in_flight: set[tuple[str, str]] = set()
         self._not_before: dict[tuple[str, str], dt.datetime] = {}
         self._circuits: dict[str, _Circuit] = {}
+        self._auth: dict[int, _AuthStop] = {}  # by id() of the connector instance the EDC refused
         self._names: dict[str, str] = {}
         self._read_back: dict[str, bool] = {}
         self._warned: set[str] = set()
@@ -204,6 +252,33 @@ class Dispatcher:
             self._halt = threading.Event()
             log.info("dispatcher stopped")
 
+    def set_connector(self, study: str, connector: EdcConnector) -> None:
+        """Route a study to another connector (e.g. with new credentials): it starts without any stop."""
+        with self._lock:
+            self.connectors[study] = connector
+            self._names.pop(study, None)
+            self._read_back.pop(study, None)
+
+    def endpoint_states(self) -> list[dict[str, Any]]:
+        """Each connector's state now, for operators and readiness: `closed` (delivering), `open` (the
+        breaker pauses it), or `auth_failed` (the EDC refused the credentials), with its studies,
+        until when, and why (the vendor's code and message; never a credential)."""
+        now = self.clock.now()
+        out: dict[int, dict[str, Any]] = {}
+        for study, connector in list(self.connectors.items()):
+            entry = out.setdefault(id(connector), {"connector": self._name(study, connector), "studies": [],
+                                                   "state": "closed", "until": None, "reason": None})
+            entry["studies"].append(study)
+            with self._lock:
+                stop = self._auth.get(id(connector))
+                circuit = self._circuits.get(study)
+            if stop is not None:
+                entry.update(state="auth_failed", until=stop.until.isoformat() if stop.until else None,
+                             reason=stop.reason, since=stop.since.isoformat())
+            elif circuit is not None and circuit.open_until is not None and now < circuit.open_until:
+                entry.update(state="open", until=circuit.open_until.isoformat())
+        return list(out.values())
+
     # ------------------------------------------------------------------------------------ a pass
 
     def _reader(self) -> Any:
@@ -219,8 +294,8 @@ class Dispatcher:
         with self._reader() as uow:
             entries = uow.outbox_entries(statuses=("pending", "failed"), limit=limit)
             rejected = uow.outbox_entries(statuses=("rejected",))
+            blocked = self._held_by_rejections(uow, rejected)
         self._set_depth(entries, rejected, limit)
-        blocked = {(e.study_oid, e.subject_key) for e in rejected}
         chains: dict[tuple[str, str], list[Any]] = {}
         for e in entries:  # id order: chains start in the order their first row was written
             chains.setdefault((e.study_oid, e.subject_key), []).append(e)
@@ -247,16 +322,21 @@ class Dispatcher:
                 report.deferred += len(rows)
                 report.blocked_subjects.add(subject)
                 continue
+            probe = self._auth_gate(connector, now)
+            if probe is None:  # the EDC refused the credentials: nothing goes to it
+                report.deferred += len(rows)
+                report.blocked_subjects.add(subject)
+                continue
             rows.sort(key=lambda r: r.sequence)
             with self._lock:
                 self._in_flight.add(subject)
             if executor is None:
-                done = self._chain(subject, rows, connector)
+                done = self._chain(subject, rows, connector, probe)
                 report.merge(done)
                 with self._lock:
                     self.totals.merge(done)
             else:
-                fut = executor.submit(self._chain, subject, rows, connector)
+                fut = executor.submit(self._chain, subject, rows, connector, probe)
                 fut.add_done_callback(self._chain_done)
                 futures.append(fut)
         if wait:
@@ -272,28 +352,34 @@ class Dispatcher:
         with self._lock:
             self.totals.merge(fut.result())
 
-    def _chain(self, subject: tuple[str, str], rows: list[Any], connector: EdcConnector) -> DispatchReport:
-        """One subject's rows, in sequence; stops at the first row that does not get through."""
+    def _chain(self, subject: tuple[str, str], rows: list[Any], connector: EdcConnector,
+               probe: bool = False) -> DispatchReport:
+        """One subject's rows, in sequence; stops at the first row that does not get through. A `probe`
+        chain may send while its connector is stopped for its credentials (see `_auth_gate`)."""
         report = DispatchReport()
         try:
             for i, e in enumerate(rows):
-                if self._halt.is_set() or self._circuit_open(e.study_oid, self.clock.now()):
+                if (self._halt.is_set() or self._circuit_open(e.study_oid, self.clock.now())
+                        or (not probe and self._auth_stopped(connector))):
                     outcome = _DEFERRED
                 else:
-                    outcome = self._deliver(e, connector, report)
+                    outcome = self._deliver(e, connector, report, probe=probe)
                 if outcome != _DELIVERED:
-                    held = len(rows) - i - (0 if outcome == _DEFERRED else 1)
+                    held = len(rows) - i - (0 if outcome in (_DEFERRED, _AUTH) else 1)
                     report.deferred += held
                     report.blocked_subjects.add(subject)
                     break
         finally:
             with self._lock:
                 self._in_flight.discard(subject)
+                stop = self._auth.get(id(connector))
+                if probe and stop is not None:
+                    stop.probing = False  # the probe is over (the stop was renewed, or nothing was sent)
         return report
 
     # ------------------------------------------------------------------------------------ one row
 
-    def _deliver(self, e: Any, connector: EdcConnector, report: DispatchReport) -> str:
+    def _deliver(self, e: Any, connector: EdcConnector, report: DispatchReport, *, probe: bool = False) -> str:
         study, subject = e.study_oid, e.subject_key
         name = self._name(study, connector)
         mdv = self.metadata_versions.get(study) or self.metadata_versions.get(ANY_STUDY, "")
@@ -315,6 +401,8 @@ class Dispatcher:
                 receipt = connector.send(tx, odm)
                 if not receipt.accepted and not receipt.permanent:
                     raise TransientDeliveryError(f"not accepted: {receipt.code}: {receipt.message}", code=receipt.code)
+            except EdcAuthenticationError:
+                raise  # not retried: the whole endpoint stops (below)
             except Exception as exc:  # transient by the port's contract: retried
                 self._count(name, "transient")
                 error = _describe(exc)
@@ -333,7 +421,7 @@ class Dispatcher:
             report.retries += 1
 
         retrying = Retrying(
-            stop=stop_any(stop_after_attempt(self.max_attempts), self._stop_retrying(study)),
+            stop=stop_any(stop_after_attempt(self.max_attempts), self._stop_retrying(study, connector, probe)),
             wait=self._wait,
             retry=retry_if_exception_type(_Retryable),
             sleep=self._sleep,
@@ -344,12 +432,19 @@ class Dispatcher:
             receipt = retrying(attempt)
         except _Retryable as exhausted:
             return self._gave_up(e, name, exhausted, attempts, report)
+        except EdcAuthenticationError as refused:
+            return self._auth_refused(e, connector, name, refused, report)
+        self._auth_ok(connector, name)  # the EDC took the credentials (accepted, or rejected the data)
 
         now = self.clock.now()
         if receipt.accepted:
             duplicate = _is_duplicate(receipt)
             with self.uow_factory() as uow:
                 uow.set_outbox_status(e.id, "acked" if receipt.reference else "sent", attempted=True)
+                self._audit(uow, AuditAction.TRANSFER_SENT, e, name, attempts=attempts, duplicate=duplicate)
+                if receipt.reference:
+                    self._audit(uow, AuditAction.TRANSFER_ACKNOWLEDGED, e, name, edc_reference=receipt.reference,
+                                duplicate=duplicate)
                 uow.commit()
             self._count(name, "duplicate" if duplicate else "accepted")
             if self.metrics is not None:
@@ -370,6 +465,8 @@ class Dispatcher:
         with self.uow_factory() as uow:
             uow.set_outbox_status(e.id, "rejected", error=f"{code}: {message}", attempted=True)
             self._record_rejection(uow, e, name, code, message)
+            self._audit(uow, AuditAction.TRANSFER_REJECTED, e, name, reason=f"{code}: {message}", code=code,
+                        message=message, attempts=attempts)
             uow.commit()
         self._count(name, "rejected")
         report.rejected += 1
@@ -422,6 +519,13 @@ class Dispatcher:
             self._read_back[study] = known
         return known
 
+    def _audit(self, uow: Any, action: AuditAction, e: Any, name: str, *, reason: str | None = None,
+               **detail: Any) -> None:
+        """A transfer audit entry, in the unit of work that records the row's new status."""
+        uow.audit(AuditEvent(action, study_oid=e.study_oid, subject_key=e.subject_key, site_oid=e.site_oid,
+                             reason=reason, at=self.clock.now(),
+                             detail={"outbox_id": e.id, "sequence": e.sequence, "connector": name, **detail}))
+
     def _record_rejection(self, uow: Any, e: Any, name: str, code: str, message: str) -> None:
         d = Discrepancy(
             kind=DiscrepancyKind.EDC_REJECTED,
@@ -444,6 +548,11 @@ class Dispatcher:
 
     def _gave_up(self, e: Any, name: str, last: _Retryable, attempts: int, report: DispatchReport) -> str:
         study, subject = e.study_oid, e.subject_key
+        with self.uow_factory() as uow:  # the row is already 'failed' (each attempt set it): audit it with it
+            uow.set_outbox_status(e.id, "failed")
+            self._audit(uow, AuditAction.TRANSFER_FAILED, e, name, reason=_describe(last.cause)[:500],
+                        attempts=attempts)
+            uow.commit()
         now = self.clock.now()
         report.failed += 1
         self._count(name, "gave_up")
@@ -476,10 +585,10 @@ class Dispatcher:
             delay = max(delay, float(retry_after))
         return delay
 
-    def _stop_retrying(self, study: str) -> Callable[[RetryCallState], bool]:
+    def _stop_retrying(self, study: str, connector: EdcConnector, probe: bool) -> Callable[[RetryCallState], bool]:
         def stop(state: RetryCallState) -> bool:
-            if self._halt.is_set():
-                return True
+            if self._halt.is_set() or (not probe and self._auth_stopped(connector)):
+                return True  # stopping, or another chain met a refusal of the credentials
             exc = state.outcome.exception() if state.outcome is not None else None
             retry_after = getattr(exc, "retry_after", None)
             if retry_after is not None and retry_after > self.max_delay:
@@ -487,6 +596,68 @@ class Dispatcher:
             return self._circuit_open(study, self.clock.now())
 
         return stop
+
+    def _held_by_rejections(self, uow: Any, rejected: list[Any]) -> set[tuple[str, str]]:
+        """Subjects held behind a rejected row: those whose EDC_REJECTED discrepancy is still open, in
+        review, or unknown (see the module docstring: closing it without re-queueing lets them go)."""
+        status_of = getattr(uow, "discrepancy_status", None)
+        held: set[tuple[str, str]] = set()
+        for subject in {(e.study_oid, e.subject_key) for e in rejected}:
+            if status_of is not None:
+                key = Discrepancy(kind=DiscrepancyKind.EDC_REJECTED, message="", study_oid=subject[0],
+                                  subject_key=subject[1]).key
+                if status_of(key) in ("resolved", "dismissed"):
+                    continue
+            held.add(subject)
+        return held
+
+    def _auth_gate(self, connector: EdcConnector, now: dt.datetime) -> bool | None:
+        """False: the connector is not stopped; True: stopped, but this chain is the one probe allowed
+        once the re-check time has come; None: stopped, nothing goes."""
+        with self._lock:
+            stop = self._auth.get(id(connector))
+            if stop is None:
+                return False
+            if stop.until is None or now < stop.until or stop.probing:
+                return None
+            stop.probing = True
+            return True
+
+    def _auth_stopped(self, connector: EdcConnector) -> bool:
+        with self._lock:
+            return id(connector) in self._auth
+
+    def _auth_refused(self, e: Any, connector: EdcConnector, name: str, refused: EdcAuthenticationError,
+                      report: DispatchReport) -> str:
+        """The EDC refused the credentials: the row stays pending, the connector stops (see the docstring)."""
+        now = self.clock.now()
+        until = now + dt.timedelta(seconds=self.auth_recheck) if self.auth_recheck else None
+        reason = _describe(refused)[:500]
+        with self.uow_factory() as uow:
+            uow.set_outbox_status(e.id, "pending", attempted=True,
+                                  error=f"EDC refused esource's credentials ({reason}); delivery to {name} stopped "
+                                        + (f"until {until.isoformat()}" if until else "until esource restarts"))
+            uow.commit()
+        with self._lock:
+            first = id(connector) not in self._auth
+            self._auth[id(connector)] = _AuthStop(name, now if first else self._auth[id(connector)].since, until,
+                                                   reason)
+        report.auth_failed += 1
+        self._count(name, "auth_failed")
+        if self.metrics is not None:
+            self.metrics.circuit_open.labels(name).set(1)
+        log.error("EDC refused esource's credentials: delivery to the endpoint stopped, every transaction kept "
+                  "pending", extra={"connector": name, "study": e.study_oid, "outbox_id": e.id,
+                                    "status": getattr(refused, "status", None), "reason": reason})
+        return _AUTH
+
+    def _auth_ok(self, connector: EdcConnector, name: str) -> None:
+        with self._lock:
+            stop = self._auth.pop(id(connector), None)
+        if stop is not None:
+            if self.metrics is not None:
+                self.metrics.circuit_open.labels(name).set(0)
+            log.warning("EDC accepted esource's credentials again: delivery resumed", extra={"connector": name})
 
     def _circuit_open(self, study: str, now: dt.datetime) -> bool:
         with self._lock:

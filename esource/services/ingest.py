@@ -8,11 +8,13 @@ import datetime as dt
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from esource.domain.audit import AuditAction, AuditEvent
 from esource.errors import EsourceError, IntakeError
 from esource.intake.parse import ParsedInput, parse_fhir
 from esource.observability import Metrics
+from esource.privacy import DEMO_PSEUDONYM_KEY, Pseudonymizer
 from esource.services.process import IngestOutcome, Processor
 from esource.store.errors import StoreError
 
@@ -76,8 +78,11 @@ class Limits:
 
 class IngestService:
     def __init__(self, processors: dict[str, Processor], uow_factory: Callable[[], Any], metrics: Metrics | None = None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, pseudonymizer: Pseudonymizer | None = None) -> None:
         self.processors = processors
+        self.pseudonymizer = pseudonymizer or next(
+            (p.pseudonymizer for p in processors.values() if hasattr(p, "pseudonymizer")), None
+        ) or Pseudonymizer(DEMO_PSEUDONYM_KEY)
         self.uow_factory = uow_factory
         self.metrics = metrics or Metrics()
         self.limits = limits or Limits()
@@ -94,21 +99,58 @@ class IngestService:
         return self.ingest_parsed(parsed, env, data)
 
     def ingest_parsed(self, parsed: ParsedInput, env: Envelope, data: bytes | None = None) -> IntakeResult:
-        result = IntakeResult(env, accepted=True, parsed=parsed)
-        self.metrics.resources.labels(env.channel).inc(len(parsed.resources))
+        return self.ingest_many([(parsed, env, data)])[0]
+
+    def ingest_many(self, inputs: Sequence[tuple[ParsedInput, Envelope, bytes | None]]) -> list[IntakeResult]:
+        """Process parsed inputs together: one unit of work per study for the whole batch (see
+        `Processor.ingest_batch`). When the batch as a whole is refused (an EsourceError such as
+        identifiers matching two subjects), it is replayed input by input, so only the bad input
+        becomes a dead letter and the others go through. StoreError propagates: the channel retries."""
+        if not inputs:
+            return []
         try:
+            results = [IntakeResult(env, accepted=True, parsed=parsed) for parsed, env, _ in inputs]
             for study_oid, processor in self.processors.items():
-                outcome = processor.ingest(parsed, f"{study_oid}|{env.intake_key}")
-                result.outcomes[study_oid] = outcome
-                self._count(study_oid, outcome)
+                outcomes = processor.ingest_batch([(parsed, f"{study_oid}|{env.intake_key}")
+                                                   for parsed, env, _ in inputs])
+                for result, outcome in zip(results, outcomes):
+                    result.outcomes[study_oid] = outcome
         except StoreError:
             raise  # the database, not the input: the channel retries (Kafka: no commit; HTTP: 5xx)
-        except EsourceError as exc:  # e.g. identifiers matching two subjects: the whole message is parked
-            return self.dead_letter(data, env, exc, parsed=parsed)
+        except EsourceError as exc:
+            if len(inputs) == 1:
+                parsed, env, data = inputs[0]
+                return [self.dead_letter(data, env, exc, parsed=parsed)]
+            return [r for one in inputs for r in self.ingest_many([one])]
+        for result in results:
+            self._counted(result)
+        return results
+
+    def _counted(self, result: IntakeResult) -> None:
+        env = result.envelope
+        assert result.parsed is not None
+        self.metrics.resources.labels(env.channel).inc(len(result.parsed.resources))
+        for study_oid, outcome in result.outcomes.items():
+            self._count(study_oid, outcome)
         self.metrics.messages.labels(env.channel, "duplicate" if result.duplicate else "processed").inc()
         log.info("processed", extra={"channel": env.channel, "intake_key": env.intake_key,
-                                     "count": len(parsed.resources)})
-        return result
+                                     "count": len(result.parsed.resources)})
+
+    def ingest_batch(self, items: Sequence[tuple[bytes, Envelope]]) -> list[IntakeResult]:
+        """Raw inputs of one channel batch (a Kafka poll): each parsed on its own (unparsable ones become
+        dead letters), the rest processed together. Results in input order."""
+        results: list[IntakeResult | None] = [None] * len(items)
+        parsed_inputs: list[tuple[ParsedInput, Envelope, bytes | None]] = []
+        where: list[int] = []
+        for i, (data, env) in enumerate(items):
+            try:
+                parsed_inputs.append((self.parse(data, env), env, data))
+                where.append(i)
+            except IntakeError as exc:
+                results[i] = self.dead_letter(data, env, exc)
+        for i, result in zip(where, self.ingest_many(parsed_inputs)):
+            results[i] = result
+        return [r for r in results if r is not None]
 
     def _count(self, study_oid: str, outcome: IngestOutcome) -> None:
         m = self.metrics
@@ -128,6 +170,11 @@ class IngestService:
         with self.uow_factory() as uow:
             dl_id = uow.add_dead_letter(channel=env.channel, intake_key=env.intake_key, origin=env.origin,
                                         reason=reason, payload=data or b"", received_at=env.received_at)
+            # the origin (file name, request id) may name a patient: the trail keeps a keyed hash of it
+            ref = self.pseudonymizer.token(env.intake_key, "intake")
+            uow.audit(AuditEvent(AuditAction.MESSAGE_DEAD_LETTERED, reason=reason.replace(env.origin, ref),
+                                 detail={"intake": ref, "channel": env.channel,
+                                         "dead_letter_id": dl_id, "bytes": len(data or b"")}))
             uow.commit()
         self.metrics.dead_letters.labels(env.channel).inc()
         self.metrics.messages.labels(env.channel, "dead_letter").inc()

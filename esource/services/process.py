@@ -13,8 +13,9 @@ import datetime as dt
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
+from esource.domain.audit import SYSTEM_ACTOR, AuditAction, AuditEvent
 from esource.domain.model import (
     Discrepancy,
     DiscrepancyKind,
@@ -30,6 +31,7 @@ from esource.domain.model import (
     TransactionType,
 )
 from esource.domain.ports import Clock, SentItem, StoredFact, SystemClock, UnitOfWork
+from esource.errors import EnrollmentError
 from esource.intake.parse import ParsedInput
 from esource.intake.references import ReferenceResolver
 from esource.mapping.engine import MappingContext, MappingEngine
@@ -39,6 +41,10 @@ from esource.study.study import Study
 
 # elements never kept in the subject's facts: free text and people (the map never reads them)
 _SCRUB = ("text", "note", "performer", "photo", "name", "telecom", "address", "contact")
+
+
+# review-before-send policy: (study, proposed changes) -> (changes to send now, discrepancies holding the rest)
+HoldForReview = Callable[[Study, list[ItemChange]], tuple[list[ItemChange], list[Discrepancy]]]
 
 
 @dataclass
@@ -84,8 +90,10 @@ class Processor:
     """Wires the engine to a unit of work. One `ingest` call = one database transaction."""
 
     def __init__(self, study: Study, engine: MappingEngine, uow_factory: Callable[[], UnitOfWork],
-                 pseudonymizer: Pseudonymizer, clock: Clock | None = None) -> None:
+                 pseudonymizer: Pseudonymizer, clock: Clock | None = None,
+                 hold_for_review: HoldForReview | None = None) -> None:
         self.study = study
+        self.hold_for_review = hold_for_review
         self.engine = engine
         self.uow_factory = uow_factory
         self.pseudonymizer = pseudonymizer
@@ -139,37 +147,114 @@ class Processor:
     # ------------------------------------------------------------------ use case
 
     def ingest(self, parsed: ParsedInput, intake_key: str) -> IngestOutcome:
-        outcome = IngestOutcome(intake_key=intake_key, resources=len(parsed.resources))
-        groups, outcome.unattributed = self.group_by_patient(parsed)
+        """One input in one unit of work (HTTP requests, files)."""
+        return self.ingest_batch([(parsed, intake_key)])[0]
+
+    def ingest_batch(self, inputs: Sequence[tuple[ParsedInput, str]]) -> list[IngestOutcome]:
+        """Many inputs in one unit of work: each subject touched is mapped once, over all of its facts,
+        and gets at most one ODM transaction for the whole batch (the final state; intermediate values
+        never reach the EDC). This is what lets a Kafka backlog drain at thousands of resources per
+        second: re-mapping a subject per message made the cost grow with every message.
+
+        Inputs are applied in order (later versions of a record replace earlier ones, unless stale).
+        An EsourceError (e.g. identifiers matching two subjects) aborts the whole batch: the caller
+        retries the inputs one by one, so only the bad one is parked."""
         now = self.clock.now()
+        outcomes: list[IngestOutcome] = []
+        pending: dict[str, _PendingSubject] = {}
         with self.uow_factory() as uow:
-            if uow.seen_intake(intake_key):
-                outcome.duplicate = True
-                return outcome
-            for idents, resources in groups.items():
-                enrollment = uow.find_enrollment(self.study.oid, idents)
-                if enrollment is None:
-                    # privacy: nothing of a patient who is not enrolled is kept; only a count
-                    outcome.dropped_not_enrolled += sum(1 for r in resources if r.resource_type != "Medication")
+            seen = uow.seen_intakes([key for _, key in inputs])
+            matched: dict[tuple[tuple[str, str], ...], Enrollment | None] = {}
+            fresh: list[str] = []
+            for parsed, intake_key in inputs:
+                outcome = IngestOutcome(intake_key=intake_key, resources=len(parsed.resources))
+                outcomes.append(outcome)
+                if intake_key in seen:
+                    outcome.duplicate = True
+                    uow.audit(AuditEvent(AuditAction.MESSAGE_DUPLICATE, study_oid=self.study.oid,
+                                         detail={"intake": self.pseudonymizer.token(intake_key, "intake")}, at=now))
                     continue
-                outcome.subjects.append(self._subject(uow, enrollment, resources, parsed.deletions, now, outcome))
-            uow.mark_intake(intake_key)
+                seen.add(intake_key)
+                fresh.append(intake_key)
+                uow.audit(AuditEvent(AuditAction.MESSAGE_RECEIVED, study_oid=self.study.oid, at=now,
+                                     detail={"intake": self.pseudonymizer.token(intake_key, "intake"), "resources": len(parsed.resources)}))
+                groups, outcome.unattributed = self.group_by_patient(parsed)
+                dropped = 0
+                for idents, resources in groups.items():
+                    if idents not in matched:
+                        matched[idents] = uow.find_enrollment(self.study.oid, idents)
+                    enrollment = matched[idents]
+                    if enrollment is None:
+                        # privacy: nothing of a patient who is not enrolled is kept; only a count
+                        dropped += sum(1 for r in resources if r.resource_type != "Medication")
+                        continue
+                    p = pending.get(enrollment.subject_key)
+                    if p is None:
+                        p = pending[enrollment.subject_key] = _PendingSubject(enrollment, outcome)
+                    p.resources.extend(resources)
+                    p.deletions.extend(parsed.deletions)
+                    p.outcome = outcome  # the subject's transaction is reported with the last input
+                    uow.audit(AuditEvent(AuditAction.PATIENT_MATCHED, study_oid=self.study.oid,
+                                         subject_key=enrollment.subject_key, site_oid=enrollment.site_oid, at=now,
+                                         detail={"intake": self.pseudonymizer.token(intake_key, "intake"), "resources": len(resources)}))
+                if dropped:
+                    outcome.dropped_not_enrolled += dropped
+                    uow.audit(AuditEvent(AuditAction.PATIENT_DROPPED, study_oid=self.study.oid, at=now,
+                                         reason="patient not enrolled in the study: nothing kept",
+                                         detail={"intake": self.pseudonymizer.token(intake_key, "intake"), "resources": dropped}))
+            uow.mark_intakes(fresh)
+            for p in pending.values():
+                p.outcome.subjects.append(self._subject(uow, p.enrollment, p.resources, p.deletions, now, p.outcome))
             uow.commit()
-        return outcome
+        return outcomes
+
+    def remap(self, subject_keys: Iterable[str] | None = None, *, actor: str = SYSTEM_ACTOR,
+              reason: str = "re-map") -> list[SubjectOutcome]:
+        """Re-run the map over the stored facts of some (or all) enrolled subjects, e.g. after a map
+        change or a data manager's decision: whatever now differs from what was sent goes out as a
+        new transaction, new findings become discrepancies. One unit of work, audited with the actor."""
+        now = self.clock.now()
+        out: list[SubjectOutcome] = []
+        with self.uow_factory() as uow:
+            enrolled = {e.subject_key: e for e in uow.enrollments(self.study.oid)}
+            wanted = list(enrolled) if subject_keys is None else list(dict.fromkeys(subject_keys))
+            unknown = [k for k in wanted if k not in enrolled]
+            if unknown:
+                raise EnrollmentError(f"not enrolled in {self.study.oid}: {', '.join(unknown)}")
+            for key in wanted:
+                outcome = IngestOutcome(intake_key=f"remap:{key}")
+                so = self._subject(uow, enrolled[key], [], [], now, outcome, actor=actor, reason=reason,
+                                   incremental=False)
+                out.append(so)
+            uow.commit()
+        return out
 
     def _subject(self, uow: UnitOfWork, enrollment: Enrollment, resources: list[SourceResource],
-                 deletions: list[str], now: dt.datetime, outcome: IngestOutcome) -> SubjectOutcome:
+                 deletions: list[str], now: dt.datetime, outcome: IngestOutcome, *, actor: str = SYSTEM_ACTOR,
+                 reason: str | None = None, incremental: bool = True) -> SubjectOutcome:
         study_oid, subject = self.study.oid, enrollment.subject_key
+        site = enrollment.site_oid
         today = now.date()
         so = SubjectOutcome(subject)
-        for res in resources:
-            fact = StoredFact(res.ref.identity, res.resource_type, res.id, res.ref.version, res.full_url,
-                              scrub(res.resource), today)
-            uow.upsert_fact(study_oid, subject, fact)
-        facts = _facts_to_resources(uow.facts(study_oid, subject))
+        incoming = [StoredFact(res.ref.identity, res.resource_type, res.id, res.ref.version, res.full_url,
+                               scrub(res.resource), today) for res in resources]
+        merged, changed = uow.merge_facts(study_oid, subject, incoming)
+        facts = _facts_to_resources(merged)
         ctx = MappingContext(repeat_keys=uow.repeat_keys, first_seen=uow.first_seen, today=today)
-        result = self.engine.map_subject(enrollment, facts, ctx, deletions=deletions)
-        sent = uow.sent_items(study_oid, subject)
+        deletions = list(dict.fromkeys(deletions))
+        if incremental:
+            # only what changed is re-selected, and diffed against the state of the groups it touches
+            type_ids = [(t, i.split("/")[0]) for t, _, i in (d.partition("/") for d in deletions)]
+            before = uow.sent_items(study_oid, subject, buckets=(), identities=changed, type_ids=type_ids)
+            ctx.changed, ctx.changed_buckets = _changes(changed, deletions, before)
+            result = self.engine.map_subject(enrollment, facts, ctx, deletions=deletions)
+            produced = {(iv.key.study_event_oid, iv.key.study_event_repeat_key, iv.key.form_oid,
+                         iv.key.item_group_repeat_key) for iv in result.items}
+            sent = uow.sent_items(study_oid, subject, buckets=produced | ctx.changed_buckets,
+                                  identities=ctx.changed, type_ids=type_ids)
+        else:
+            result = self.engine.map_subject(enrollment, facts, ctx, deletions=deletions)
+            sent = uow.sent_items(study_oid, subject)
         changes, new_state, extra = diff_state(result, sent, self.pseudonymizer, study_oid, subject)
         if any(item.frozen for item in sent.values()):
             # a value site staff changed in the EDC is never overwritten: a later source change for it
@@ -178,15 +263,30 @@ class Processor:
 
             conflicts = [d for d in uow.open_discrepancies(study_oid, subject) if d.kind is DiscrepancyKind.EDC_CONFLICT]
             extra += conflict_followups(result.items, sent, conflicts)
+        if self.hold_for_review is not None and changes:
+            # review-before-send: held values stay out of the transaction and out of the sent state
+            proposed = {c.item.key for c in changes}
+            changes, held = self.hold_for_review(self.study, changes)
+            held_keys = proposed - {c.item.key for c in changes}
+            new_state = [s for s in new_state if s.key not in held_keys]
+            extra += held
         for d in list(result.discrepancies) + extra:
             if uow.upsert_discrepancy(d):
                 so.discrepancies_new += 1
                 outcome.discrepancies_by_kind[d.kind.value] += 1
+                uow.audit(_discrepancy_event(d, site, actor, now))
+        for s in new_state:
+            prev = sent.get(s.key)
+            if s.frozen and (prev is None or not prev.frozen):
+                uow.audit(AuditEvent(AuditAction.VALUE_FROZEN, actor=actor, study_oid=study_oid, subject_key=subject,
+                                     site_oid=site, item=s.key, old_value=s.value, at=now, rule=s.rule,
+                                     source=SourceRef(s.source_type, s.source_id, s.source_version, s.source_identity),
+                                     reason="the source of the sent value was entered-in-error or deleted"))
         if changes:
             known = uow.subject_known(study_oid, subject)
             tx = SubjectTransaction(
                 study_oid=study_oid, metadata_version_oid=self.study.metadata_version_oid, subject_key=subject,
-                site_oid=enrollment.site_oid, subject_transaction_type=None if known else TransactionType.INSERT,
+                site_oid=site, subject_transaction_type=None if known else TransactionType.INSERT,
                 changes=changes, sequence=uow.next_sequence(study_oid, subject))
             file_oid = f"ESOURCE.{study_oid}.{subject}.{tx.sequence:06d}"
             odm = write_clinical_data([tx], file_type="Transactional", file_oid=file_oid, creation=now,
@@ -195,8 +295,57 @@ class Processor:
             so.items_sent = len(changes)
             so.inserts = sum(1 for c in changes if c.transaction_type is TransactionType.INSERT)
             so.updates = len(changes) - so.inserts
+            where = {"outbox_id": so.outbox_id, "sequence": tx.sequence}
+            for c in changes:
+                iv = c.item
+                uow.audit(AuditEvent(
+                    AuditAction.VALUE_MAPPED, actor=actor, study_oid=study_oid, subject_key=subject, site_oid=site,
+                    item=iv.key, old_value=c.previous_value, new_value=iv.value, source=iv.source, rule=iv.rule,
+                    reason=reason or c.reason_for_change or "first value from the source", at=now,
+                    detail={**where, "transaction_type": c.transaction_type.value,
+                            "conversions": list(iv.conversions)}))
+            uow.audit(AuditEvent(AuditAction.TRANSFER_QUEUED, actor=actor, study_oid=study_oid, subject_key=subject,
+                                 site_oid=site, at=now, reason=reason,
+                                 detail={**where, "items": len(changes), "inserts": so.inserts,
+                                         "updates": so.updates}))
         uow.put_sent_items(new_state)
         return so
+
+
+def _changes(changed: set[str], deletions: list[str], sent: dict[ItemKey, SentItem]
+             ) -> tuple[frozenset[str], frozenset[tuple[str, str | None, str, str | None]]]:
+    """What an incremental run re-selects: the identities new or changed in the store (stale or
+    repeated arrivals change nothing), retracted ones, and the findings buckets holding values sent
+    from any of them (a changed reading may have left its bucket)."""
+    changed = set(changed)
+    for url in deletions:
+        rtype, _, rid = url.partition("/")
+        changed.add(f"{rtype}/{rid.split('/')[0]}")
+    buckets = frozenset((k.study_event_oid, k.study_event_repeat_key, k.form_oid, k.item_group_repeat_key)
+                        for k, item in sent.items() if item.source_identity in changed
+                        or f"{item.source_type}/{item.source_id}" in changed)
+    return frozenset(changed), buckets
+
+
+@dataclass
+class _PendingSubject:
+    """A subject touched by a batch: its resources in arrival order, and the input it is reported with."""
+
+    enrollment: Enrollment
+    outcome: IngestOutcome
+    resources: list[SourceResource] = field(default_factory=list)
+    deletions: list[str] = field(default_factory=list)
+
+
+def _discrepancy_event(d: Discrepancy, site: str, actor: str, now: dt.datetime) -> AuditEvent:
+    held = d.held_value is not None
+    return AuditEvent(
+        AuditAction.VALUE_HELD if held else AuditAction.DISCREPANCY_OPENED, actor=actor, study_oid=d.study_oid,
+        subject_key=d.subject_key, site_oid=site, new_value=d.held_value, source=d.source, rule=d.rule,
+        reason=d.message, at=now,
+        detail={"kind": d.kind.value, "severity": d.severity.value, "item_oid": d.item_oid,
+                "study_event_oid": d.study_event_oid, "form_oid": d.form_oid,
+                "item_group_repeat_key": d.item_group_repeat_key})
 
 
 def _sent(iv: ItemValue, frozen: bool = False) -> SentItem:

@@ -42,6 +42,10 @@ from sqlalchemy.types import TypeDecorator
 DISCREPANCY_STATUSES: tuple[str, ...] = ("open", "in_review", "resolved", "dismissed")
 OPEN_DISCREPANCY_STATUSES: tuple[str, ...] = ("open", "in_review")
 OUTBOX_STATUSES: tuple[str, ...] = ("pending", "sent", "acked", "rejected", "failed")
+# how a data manager closed a discrepancy (migration 0006; checked by the unit of work, not by a CHECK
+# constraint: adding one to an existing SQLite table would mean rebuilding it)
+DISCREPANCY_RESOLUTIONS: tuple[str, ...] = ("accepted", "overridden", "dismissed", "remapped", "repushed")
+REVIEW_MODES: tuple[str, ...] = ("auto", "adjudicate")
 
 # A safety net for constraints added later without a name; every constraint below is named explicitly.
 NAMING_CONVENTION = {
@@ -243,6 +247,7 @@ class DiscrepancyRow(Base):
         UniqueConstraint("natural_key", name="uq_discrepancy_natural_key"),
         CheckConstraint(_in_list("status", DISCREPANCY_STATUSES), name="ck_discrepancy_status"),
         Index("ix_discrepancy_study_subject_status", "study_oid", "subject_key", "status"),
+        Index("ix_discrepancy_study_status_created", "study_oid", "status", "created_at"),  # the queue (0006)
         {"sqlite_autoincrement": True},  # ids are never reused, even after a delete
     )
 
@@ -268,6 +273,36 @@ class DiscrepancyRow(Base):
     candidates: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     rule: Mapped[str | None] = mapped_column(String, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # reconciliation queue (migration 0006): the rest of the ItemKey when known, who works on it, and how
+    # it was closed (cleared again when changed facts re-open it; the audit trail keeps the history)
+    item_group_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    study_event_repeat_key: Mapped[str | None] = mapped_column(String, nullable=True)
+    assignee: Mapped[str | None] = mapped_column(String, nullable=True)
+    resolution: Mapped[str | None] = mapped_column(String, nullable=True)
+    resolved_by: Mapped[str | None] = mapped_column(String, nullable=True)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    resolution_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    resolution_value: Mapped[str | None] = mapped_column(Text, nullable=True)  # what accept/override sent
+
+
+class ReviewPolicyRow(Base):
+    """A data manager's run-time override of a form's review-before-send policy (migration 0006); the
+    study map's `review:` setting applies to forms without a row."""
+
+    __tablename__ = "review_policy"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_review_policy"),
+        UniqueConstraint("study_oid", "form_oid", name="uq_review_policy_study_form"),
+        CheckConstraint(_in_list("mode", REVIEW_MODES), name="ck_review_policy_mode"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=True)
+    study_oid: Mapped[str] = mapped_column(String)
+    form_oid: Mapped[str] = mapped_column(String)
+    mode: Mapped[str] = mapped_column(String)
+    changed_by: Mapped[str] = mapped_column(String)
+    reason: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
@@ -347,3 +382,117 @@ class DeadLetterRow(Base):
     status: Mapped[str] = mapped_column(String)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+AUDIT_GENESIS_HASH = "0" * 64  # the predecessor hash of the first audit entry (esource.audit.chain)
+
+
+class AuditLogRow(Base):
+    """One entry of the append-only, hash-chained audit trail (migration 0004). `id` is assigned by the
+    store under the chain lock (audit_head.last_id + 1): ids are contiguous, so a gap is a deleted row.
+    `hash` = SHA-256 of the canonical form of every other column (see esource.audit.chain)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_audit_log"),
+        Index("ix_audit_log_study_subject_id", "study_oid", "subject_key", "id"),
+        Index("ix_audit_log_study_item", "study_oid", "subject_key", "item_oid", "form_oid"),
+        Index("ix_audit_log_study_action_id", "study_oid", "action", "id"),
+        Index("ix_audit_log_study_at", "study_oid", "at"),
+        Index("ix_audit_log_actor_at", "actor", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=False)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String)
+    action: Mapped[str] = mapped_column(String)
+    study_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    subject_key: Mapped[str | None] = mapped_column(String, nullable=True)
+    site_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    # the item key (NULL when the entry is not about one ItemData; an absent repeat key is NULL too)
+    study_event_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    study_event_repeat_key: Mapped[str | None] = mapped_column(String, nullable=True)
+    form_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    item_group_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    item_group_repeat_key: Mapped[str | None] = mapped_column(String, nullable=True)
+    item_oid: Mapped[str | None] = mapped_column(String, nullable=True)
+    old_value: Mapped[str | None] = mapped_column(Text, nullable=True)
+    new_value: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    source_type: Mapped[str | None] = mapped_column(String, nullable=True)
+    source_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    source_version: Mapped[str | None] = mapped_column(String, nullable=True)
+    source_identity: Mapped[str | None] = mapped_column(String, nullable=True)
+    rule: Mapped[str | None] = mapped_column(String, nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHeadRow(Base):
+    """The newest audit entry's id and hash (one row, id = 1): what appenders lock (SELECT ... FOR
+    UPDATE on PostgreSQL) to chain their entries one after the other, and what `verify` checks the
+    tail against (a deleted last entry leaves the head pointing past the table)."""
+
+    __tablename__ = "audit_head"
+    __table_args__ = (
+        PrimaryKeyConstraint("id", name="pk_audit_head"),
+        CheckConstraint("id = 1", name="ck_audit_head_singleton"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, autoincrement=False)
+    last_id: Mapped[int] = mapped_column(Integer)
+    last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class ApiUserRow(Base):
+    """A person or service account of the role-based API (migration 0005). Roles, sites and studies are
+    JSON lists (NULL sites/studies: no restriction); the password only as a scrypt hash."""
+
+    __tablename__ = "api_user"
+    __table_args__ = (PrimaryKeyConstraint("username", name="pk_api_user"),)
+
+    username: Mapped[str] = mapped_column(String)
+    roles: Mapped[list[str]] = mapped_column(JSON)
+    sites: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    studies: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    password_hash: Mapped[str | None] = mapped_column(String, nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class ApiTokenRow(Base):
+    """An API bearer token (migration 0005): found by its public id, checked against the SHA-256 of the
+    whole token; the token itself is never stored."""
+
+    __tablename__ = "api_token"
+    __table_args__ = (
+        PrimaryKeyConstraint("token_id", name="pk_api_token"),
+        ForeignKeyConstraint(["username"], ["api_user.username"], name="fk_api_token_api_user", ondelete="CASCADE"),
+        Index("ix_api_token_username", "username"),
+    )
+
+    token_id: Mapped[str] = mapped_column(String)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    username: Mapped[str] = mapped_column(String)
+    label: Mapped[str | None] = mapped_column(String, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class OutboxVisitRow(Base):
+    """The StudyEventOIDs inside one outbox transaction (migration 0005), so the transfers API can filter
+    by visit in SQL. Derived from the stored ODM; rows are added lazily for outbox rows not yet indexed
+    ('' marks a transaction without a StudyEventData)."""
+
+    __tablename__ = "outbox_visit"
+    __table_args__ = (
+        PrimaryKeyConstraint("outbox_id", "study_event_oid", name="pk_outbox_visit"),
+        ForeignKeyConstraint(["outbox_id"], ["outbox.id"], name="fk_outbox_visit_outbox", ondelete="CASCADE"),
+        Index("ix_outbox_visit_study_event_oid", "study_event_oid", "outbox_id"),
+    )
+
+    outbox_id: Mapped[int] = mapped_column(Integer, autoincrement=False)
+    study_event_oid: Mapped[str] = mapped_column(String)

@@ -35,6 +35,8 @@ from sqlalchemy.engine import URL, CursorResult, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from esource.audit.chain import chain_rows as audit_chain_rows, row_values as audit_row_values
+from esource.domain.audit import AuditAction, AuditEntry, AuditEvent
 from esource.domain.model import (
     Discrepancy,
     DiscrepancyKind,
@@ -49,11 +51,21 @@ from esource.errors import EnrollmentError
 from esource.services.conflicts import previous_values_of
 from esource.store.engine import READ_ONLY_OPTION, make_engine
 from esource.store.errors import AmbiguousEnrollmentError, StoreConflictError, StoreError
+from esource.reconciliation.model import (
+    DiscrepancyFilter,
+    DiscrepancyNotFound,
+    DiscrepancyRecord,
+    DiscrepancyStateError,
+)
+from esource.store.schema import DISCREPANCY_RESOLUTIONS, REVIEW_MODES, ReviewPolicyRow
 from esource.store.schema import (
     DISCREPANCY_STATUSES,
     OPEN_DISCREPANCY_STATUSES,
     OUTBOX_STATUSES,
+    AUDIT_GENESIS_HASH,
     DEAD_LETTER_STATUSES,
+    AuditHeadRow,
+    AuditLogRow,
     DeadLetterRow,
     DiscrepancyRow,
     EdcKeyMapRow,
@@ -89,6 +101,9 @@ _discrepancy: Table = DiscrepancyRow.__table__  # type: ignore[assignment]
 _outbox: Table = OutboxRow.__table__  # type: ignore[assignment]
 _dead_letter: Table = DeadLetterRow.__table__  # type: ignore[assignment]
 _edc_key_map: Table = EdcKeyMapRow.__table__  # type: ignore[assignment]
+_review_policy: Table = ReviewPolicyRow.__table__  # type: ignore[assignment]
+_audit_log: Table = AuditLogRow.__table__  # type: ignore[assignment]
+_audit_head: Table = AuditHeadRow.__table__  # type: ignore[assignment]
 
 _ITEM_KEY_COLUMNS = (
     "study_oid",
@@ -113,6 +128,14 @@ def discrepancy_natural_key(key: Sequence[str]) -> str:
     """The `discrepancy.natural_key` text of a `Discrepancy.key` tuple: the parts joined as a compact
     JSON array, so no part (an identity may contain '|') can run into the next one."""
     return json.dumps(list(key), ensure_ascii=False, separators=(",", ":"))
+
+
+# reconciliation queue (migration 0006): what a closed discrepancy's decision rests on, and the columns
+# cleared when it is re-opened
+_DECISION_FACTS: tuple[str, ...] = ("held_value", "source_identity", "source_version", "source_element")
+_NO_RESOLUTION: dict[str, Any] = {"resolution": None, "resolved_by": None, "resolved_at": None,
+                                  "resolution_reason": None, "resolution_value": None}
+_KEEP: Any = object()  # "leave this column as it is"
 
 
 def _json_default(value: Any) -> Any:
@@ -255,11 +278,16 @@ class SqlAlchemyUnitOfWork:
         *,
         clock: Clock | None = None,
         read_only: bool = False,
+        audit_session_factory: Callable[[], Session] | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._clock: Clock = clock or SystemClock()
         self._read_only = read_only
         self._session: Session | None = None
+        # audit events of this transaction, chained and inserted at commit (see `audit`)
+        self._audit_pending: list[dict[str, Any]] = []
+        # read-only units of work record DATA_READ through a short write transaction of their own
+        self._audit_session_factory = audit_session_factory
         self.repeat_keys = SqlRepeatKeys(self)
         self.first_seen = SqlFirstSeen(self)
 
@@ -276,15 +304,26 @@ class SqlAlchemyUnitOfWork:
         session, self._session = self._session, None
         if session is None:
             return
+        reads, self._audit_pending = self._audit_pending, []
         try:
             session.rollback()  # a no-op after commit(); undoes anything not committed
         finally:
             session.close()
+        if reads and self._read_only and exc[0] is None:
+            self._write_read_audit(reads)  # what was read is recorded before the caller uses it
 
     def commit(self) -> None:
-        self._active().commit()
+        session = self._active()
+        pending, self._audit_pending = self._audit_pending, []
+        if pending and self._read_only:
+            self._write_read_audit(pending)
+            pending = []
+        if pending:
+            self._append_audit(session, pending)
+        session.commit()
 
     def rollback(self) -> None:
+        self._audit_pending = []  # the events of a rolled-back transaction vanish with it
         self._active().rollback()
 
     @property
@@ -316,6 +355,146 @@ class SqlAlchemyUnitOfWork:
         if name == "sqlite":
             return sqlite.insert(table)
         raise StoreError(f"unsupported database dialect {name!r}: esource supports SQLite and PostgreSQL")
+
+    # -- audit trail (migration 0004; the chain's canonical form: esource/audit/chain.py) ---------------
+
+    def audit(self, event: AuditEvent) -> None:
+        """Record an audit event in this transaction. Buffered, then numbered, hash-chained and inserted
+        (one executemany) when the unit of work commits, holding the chain lock (`audit_head`) only
+        then; a rollback drops it. A read-only unit of work records DATA_READ events only: they are
+        written by a short write transaction of their own when it closes (or commits) without an
+        exception — before the caller can hand out what was read."""
+        self._active()
+        if self._read_only:
+            if event.action is not AuditAction.DATA_READ:
+                raise StoreError(f"a read-only unit of work records only {AuditAction.DATA_READ.value} events, "
+                                 f"not {event.action}: record changes in the unit of work that makes them")
+            if self._audit_session_factory is None:
+                raise StoreError("this read-only unit of work cannot record audit events: open it with Store.uow()")
+        at = event.at if event.at is not None else self._now()
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise StoreError("an audit event's time must be timezone-aware UTC")
+        try:
+            self._audit_pending.append(audit_row_values(event, at))
+        except TypeError as exc:
+            raise StoreError(f"audit event {event.action}: {exc}") from None
+
+    def _append_audit(self, session: Session, values: list[dict[str, Any]]) -> None:
+        """Chain `values` after the head and insert them; the head row stays locked until commit
+        (PostgreSQL: SELECT ... FOR UPDATE; SQLite: the write transaction already excludes others)."""
+        h = _audit_head
+        head = select(h.c.last_id, h.c.last_hash).where(h.c.id == 1).with_for_update()
+        row = session.execute(head).first()
+        if row is None:  # a database built without the migration's seed row
+            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+            session.execute(dialect.insert(h).values(id=1, last_id=0, last_hash=AUDIT_GENESIS_HASH)
+                            .on_conflict_do_nothing())
+            row = session.execute(head).one()
+        rows = audit_chain_rows(values, int(row.last_id), str(row.last_hash))
+        session.execute(insert(_audit_log), rows)
+        session.execute(update(h).where(h.c.id == 1).values(last_id=rows[-1]["id"], last_hash=rows[-1]["hash"]))
+
+    def _write_read_audit(self, values: list[dict[str, Any]]) -> None:
+        factory = self._audit_session_factory
+        if factory is None:  # checked in audit(); kept for safety
+            raise StoreError("this read-only unit of work cannot record audit events")
+        session = factory()
+        try:
+            session.begin()
+            self._append_audit(session, values)
+            session.commit()
+        finally:
+            session.close()  # rolls back when the commit did not happen
+
+    def audit_entries(
+        self,
+        *,
+        study_oid: str | None = None,
+        subject_key: str | None = None,
+        item: ItemKey | None = None,
+        item_oid: str | None = None,
+        actions: Iterable[str] | None = None,
+        actor: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        sites: Iterable[str] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
+    ) -> tuple[list[AuditEntry], int]:
+        """Audit entries matching every filter given, in id (= chain) order, and how many match in
+        all. `item` matches the whole item key (absent repeat keys as absent), `item_oid` only the
+        ItemOID; `since` inclusive, `until` exclusive; `sites` keeps entries of those sites only
+        (None: all; entries without a site are then left out)."""
+        session = self._active()
+        a = _audit_log
+        conds: list[Any] = []
+        if study_oid is not None:
+            conds.append(a.c.study_oid == study_oid)
+        if subject_key is not None:
+            conds.append(a.c.subject_key == subject_key)
+        if item is not None:
+            for name in _ITEM_KEY_COLUMNS:
+                value = getattr(item, name)
+                conds.append(a.c[name].is_(None) if value is None else a.c[name] == value)
+        if item_oid is not None:
+            conds.append(a.c.item_oid == item_oid)
+        if actions is not None:
+            conds.append(a.c.action.in_([str(x) for x in actions]))
+        if actor is not None:
+            conds.append(a.c.actor == actor)
+        if since is not None:
+            conds.append(a.c.at >= since)
+        if until is not None:
+            conds.append(a.c.at < until)
+        if sites is not None:
+            conds.append(a.c.site_oid.in_(sorted(sites)))
+        total = int(session.execute(select(func.count()).select_from(a).where(*conds)).scalar() or 0)
+        q = select(a).where(*conds).order_by(a.c.id.desc() if newest_first else a.c.id).offset(offset)
+        if limit is not None:
+            q = q.limit(limit)
+        return [self._audit_entry_of(r) for r in session.execute(q)], total
+
+    def audit_range(self, first_id: int, last_id: int | None = None) -> list[AuditEntry]:
+        """The entries with first_id <= id <= last_id (to the end when last_id is None), in id order."""
+        a = _audit_log
+        q = select(a).where(a.c.id >= first_id).order_by(a.c.id)
+        if last_id is not None:
+            q = q.where(a.c.id <= last_id)
+        return [self._audit_entry_of(r) for r in self._active().execute(q)]
+
+    def audit_rows(self, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Stored rows exactly as in the table (every column), id > after_id, in id order: what
+        `esource.audit.verify` recomputes the hashes from."""
+        a = _audit_log
+        q = select(a).where(a.c.id > after_id).order_by(a.c.id).limit(limit)
+        return [dict(r._mapping) for r in self._active().execute(q)]
+
+    def audit_head(self) -> tuple[int, str]:
+        """(id, hash) of the newest entry as the head row records them; (0, 64 zeros) when empty."""
+        h = _audit_head
+        row = self._active().execute(select(h.c.last_id, h.c.last_hash).where(h.c.id == 1)).first()
+        return (0, AUDIT_GENESIS_HASH) if row is None else (int(row.last_id), str(row.last_hash))
+
+    @staticmethod
+    def _audit_entry_of(row: Any) -> AuditEntry:
+        item = None
+        if None not in (row.study_oid, row.subject_key, row.study_event_oid, row.form_oid, row.item_group_oid,
+                        row.item_oid):
+            item = ItemKey(row.study_oid, row.subject_key, row.study_event_oid, row.study_event_repeat_key,
+                           row.form_oid, row.item_group_oid, row.item_group_repeat_key, row.item_oid)
+        source = None
+        if row.source_type is not None:
+            source = SourceRef(resource_type=row.source_type, id=row.source_id, version=row.source_version or "",
+                               identity=row.source_identity or "")
+        try:
+            action: Any = AuditAction(row.action)
+        except ValueError:  # an action a newer esource wrote: shown as stored
+            action = row.action
+        event = AuditEvent(action=action, actor=row.actor, study_oid=row.study_oid, subject_key=row.subject_key,
+                           site_oid=row.site_oid, item=item, old_value=row.old_value, new_value=row.new_value,
+                           reason=row.reason, source=source, rule=row.rule, detail=dict(row.detail or {}), at=row.at)
+        return AuditEntry(id=int(row.id), at=row.at, event=event, prev_hash=row.prev_hash, hash=row.hash)
 
     # -- enrollment --------------------------------------------------------------------------------
 
@@ -452,6 +631,25 @@ class SqlAlchemyUnitOfWork:
             .on_conflict_do_nothing(index_elements=[_intake.c.intake_key])
         )
 
+    def seen_intakes(self, intake_keys: Sequence[str]) -> set[str]:
+        """Which of these intake keys were processed before (one query per 500 keys)."""
+        session = self._active()
+        seen: set[str] = set()
+        keys = list(dict.fromkeys(intake_keys))
+        for i in range(0, len(keys), 500):
+            seen.update(session.execute(select(_intake.c.intake_key)
+                                        .where(_intake.c.intake_key.in_(keys[i:i + 500]))).scalars())
+        return seen
+
+    def mark_intakes(self, intake_keys: Sequence[str]) -> None:
+        """Record many intake keys in one executemany (idempotent)."""
+        if not intake_keys:
+            return
+        session = self._writable()
+        now = self._now()
+        session.execute(self._insert(_intake).on_conflict_do_nothing(index_elements=[_intake.c.intake_key]),
+                        [{"intake_key": k, "received_at": now} for k in dict.fromkeys(intake_keys)])
+
     # -- subject facts -------------------------------------------------------------------------------
 
     def upsert_fact(self, study_oid: str, subject_key: str, fact: StoredFact) -> bool:
@@ -514,36 +712,100 @@ class SqlAlchemyUnitOfWork:
             for row in rows
         ]
 
+    def merge_facts(self, study_oid: str, subject_key: str,
+                    incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
+        """Keep the newest version of each incoming record and return all of the subject's facts, oldest
+        first (incoming resources are parsed JSON already: stored as they are): one read and at most two executemany writes for a whole batch of messages (per-record
+        upserts were a third of an ingest). A version older than the one kept is ignored
+        (`is_stale`); a record's first_seen date never changes. Also returns the identities that are
+        new or changed (what an incremental mapping run re-selects)."""
+        from esource.intake.identity import is_stale
+
+        session = self._writable()
+        t = _fact
+        rows = session.execute(
+            select(t.c.id, t.c.identity, t.c.resource_type, t.c.resource_id, t.c.version, t.c.full_url,
+                   t.c.resource, t.c.first_seen)
+            .where(t.c.study_oid == study_oid, t.c.subject_key == subject_key)
+            .order_by(t.c.first_seen, t.c.id)
+        ).all()
+        kept: dict[str, StoredFact] = {}
+        ids: dict[str, int] = {}
+        for row in rows:
+            kept[row.identity] = StoredFact(row.identity, row.resource_type, row.resource_id, row.version,
+                                            row.full_url, row.resource, row.first_seen)
+            ids[row.identity] = row.id
+        new: dict[str, StoredFact] = {}
+        changed: dict[str, StoredFact] = {}
+        for fact in incoming:
+            old = new.get(fact.identity) or changed.get(fact.identity) or kept.get(fact.identity)
+            if old is not None and (old.version == fact.version
+                                    or is_stale(fact.resource, fact.version, old.resource, old.version)):
+                continue
+            if fact.identity in kept:
+                fact = StoredFact(fact.identity, fact.resource_type, fact.resource_id, fact.version, fact.full_url,
+                                  fact.resource, kept[fact.identity].first_seen)
+                changed[fact.identity] = fact
+            else:
+                new[fact.identity] = fact
+        now = self._now()
+        if new:
+            session.execute(
+                self._insert(t).on_conflict_do_nothing(index_elements=[t.c.study_oid, t.c.subject_key, t.c.identity]),
+                [{"study_oid": study_oid, "subject_key": subject_key, "identity": f.identity,
+                  "resource_type": f.resource_type, "resource_id": f.resource_id, "version": f.version,
+                  "full_url": f.full_url, "resource": f.resource, "first_seen": f.first_seen,
+                  "created_at": now, "updated_at": now} for f in new.values()])
+        if changed:
+            from sqlalchemy import bindparam
+
+            session.execute(
+                update(t).where(t.c.id == bindparam("fact_id")).values(
+                    resource_type=bindparam("rtype"), resource_id=bindparam("rid"), version=bindparam("ver"),
+                    full_url=bindparam("url"), resource=bindparam("res"), updated_at=bindparam("upd")),
+                [{"fact_id": ids[f.identity], "rtype": f.resource_type, "rid": f.resource_id, "ver": f.version,
+                  "url": f.full_url, "res": f.resource, "upd": now} for f in changed.values()])
+        merged = [changed.get(identity, fact) for identity, fact in kept.items()]
+        merged.extend(sorted(new.values(), key=lambda f: f.first_seen))
+        return merged, set(new) | set(changed)
+
     # -- item state -------------------------------------------------------------------------------------
 
-    def sent_items(self, study_oid: str, subject_key: str) -> dict[ItemKey, SentItem]:
+    def sent_items(self, study_oid: str, subject_key: str, *,
+                   buckets: Iterable[tuple[str, str | None, str, str | None]] | None = None,
+                   identities: Iterable[str] = (), type_ids: Iterable[tuple[str, str]] = (),
+                   ) -> dict[ItemKey, SentItem]:
+        """The subject's item state (only the columns the diff needs: it is read on every mapping run).
+
+        With `buckets`, only the items of those (StudyEventOID, StudyEventRepeatKey, FormOID,
+        ItemGroupRepeatKey) groups, plus items sent from `identities` or from `type_ids` (resource type,
+        id), plus every frozen item: what an incremental run diffs against (a subject's full state
+        grows with every visit)."""
         session = self._active()
         t = _item
-        rows = session.execute(
-            select(t).where(t.c.study_oid == study_oid, t.c.subject_key == subject_key).order_by(t.c.id)
-        )
+        q = select(t.c.study_event_oid, t.c.study_event_repeat_key, t.c.form_oid, t.c.item_group_oid,
+                   t.c.item_group_repeat_key, t.c.item_oid, t.c.value, t.c.source_identity, t.c.source_version,
+                   t.c.source_type, t.c.source_id, t.c.rule, t.c.frozen
+                   ).where(t.c.study_oid == study_oid, t.c.subject_key == subject_key)
+        if buckets is not None:
+            from sqlalchemy import tuple_
+
+            wanted = [(e, _repeat_in(er), f, _repeat_in(gr)) for e, er, f, gr in buckets]
+            ids, tids = list(identities), list(type_ids)
+            conds = [t.c.frozen.is_(True)]
+            for i in range(0, len(wanted), 200):
+                conds.append(tuple_(t.c.study_event_oid, t.c.study_event_repeat_key, t.c.form_oid,
+                                    t.c.item_group_repeat_key).in_(wanted[i:i + 200]))
+            if ids:
+                conds.append(t.c.source_identity.in_(ids))
+            if tids:
+                conds.append(tuple_(t.c.source_type, t.c.source_id).in_(tids))
+            q = q.where(or_(*conds))
         out: dict[ItemKey, SentItem] = {}
-        for row in rows:
-            key = ItemKey(
-                study_oid=row.study_oid,
-                subject_key=row.subject_key,
-                study_event_oid=row.study_event_oid,
-                study_event_repeat_key=_repeat_out(row.study_event_repeat_key),
-                form_oid=row.form_oid,
-                item_group_oid=row.item_group_oid,
-                item_group_repeat_key=_repeat_out(row.item_group_repeat_key),
-                item_oid=row.item_oid,
-            )
-            out[key] = SentItem(
-                key=key,
-                value=row.value,
-                source_identity=row.source_identity,
-                source_version=row.source_version,
-                source_type=row.source_type,
-                source_id=row.source_id,
-                rule=row.rule,
-                frozen=bool(row.frozen),
-            )
+        for event, event_repeat, form, group, group_repeat, item, value, identity, version, stype, sid, rule, frozen \
+                in session.execute(q.order_by(t.c.id)):
+            key = ItemKey(study_oid, subject_key, event, event_repeat or None, form, group, group_repeat or None, item)
+            out[key] = SentItem(key, value, identity, version, stype, sid, rule, bool(frozen))
         return out
 
     def freeze_item(self, key: ItemKey) -> bool:
@@ -615,7 +877,12 @@ class SqlAlchemyUnitOfWork:
     def upsert_discrepancy(self, discrepancy: Discrepancy) -> bool:
         """Record a discrepancy by its natural key. True when new (status 'open'). When it exists,
         its status and created_at are kept; message, candidates, held value, source version etc.
-        are refreshed, and updated_at moves only if one of them changed (re-running is idempotent)."""
+        are refreshed, and updated_at moves only if one of them changed (re-running is idempotent).
+
+        A resolved or dismissed one stays closed while the same facts come back (every message re-runs
+        the map), and is re-opened (True, its resolution cleared) when the facts a decision was taken
+        on changed: the held value, the source or its version, or - for a discrepancy without a held
+        value - its candidates (tied readings, proposals, the rejected transaction)."""
         session = self._writable()
         t = _discrepancy
         natural_key = discrepancy_natural_key(discrepancy.key)
@@ -630,11 +897,18 @@ class SqlAlchemyUnitOfWork:
         if inserted.first() is not None:
             return True
         existing = session.execute(
-            select(t.c.id, *(t.c[name] for name in content)).where(t.c.natural_key == natural_key)
+            select(t.c.id, t.c.status, *(t.c[name] for name in content)).where(t.c.natural_key == natural_key)
         ).one()
-        if any(getattr(existing, name) != value for name, value in content.items()):
-            session.execute(update(t).where(t.c.id == existing.id).values(updated_at=now, **content))
-        return False
+        if not any(getattr(existing, name) != value for name, value in content.items()):
+            return False
+        values: dict[str, Any] = {"updated_at": now, **content}
+        facts = _DECISION_FACTS + (("candidates",) if content["held_value"] is None else ())
+        reopen = existing.status not in OPEN_DISCREPANCY_STATUSES and any(
+            getattr(existing, name) != content[name] for name in facts)
+        if reopen:
+            values.update(status="open", **_NO_RESOLUTION)
+        session.execute(update(t).where(t.c.id == existing.id).values(**values))
+        return reopen
 
     @staticmethod
     def _discrepancy_content(d: Discrepancy) -> dict[str, Any]:
@@ -658,6 +932,8 @@ class SqlAlchemyUnitOfWork:
             "held_value": d.held_value,
             "candidates": _json_ready(list(d.candidates)),
             "rule": d.rule,
+            "item_group_oid": d.item_group_oid,
+            "study_event_repeat_key": d.study_event_repeat_key,
         }
 
     def open_discrepancies(self, study_oid: str, subject_key: str | None = None) -> list[Discrepancy]:
@@ -695,6 +971,8 @@ class SqlAlchemyUnitOfWork:
             candidates=tuple(row.candidates or ()),
             severity=Severity(row.severity),
             rule=row.rule,
+            item_group_oid=row.item_group_oid,
+            study_event_repeat_key=row.study_event_repeat_key,
         )
 
     def discrepancy_status(self, key: Sequence[str]) -> str | None:
@@ -716,11 +994,153 @@ class SqlAlchemyUnitOfWork:
             session.execute(
                 update(t)
                 .where(t.c.natural_key == discrepancy_natural_key(key))
-                .values(status=status, updated_at=self._now())
+                .values(status=status, updated_at=self._now(),
+                        **(_NO_RESOLUTION if status in OPEN_DISCREPANCY_STATUSES else {}))
             ),
         )
         if done.rowcount != 1:
             raise StoreError("no such discrepancy")
+
+    # -- reconciliation queue (migration 0006; esource.reconciliation) ---------------------------------
+
+    def query_discrepancies(self, flt: DiscrepancyFilter, *, limit: int | None = None,
+                            offset: int = 0) -> tuple[list[DiscrepancyRecord], int]:
+        """One page of the queue, oldest first (by id), and how many match in all. The site is the
+        subject's enrollment site (outer join: a discrepancy of a subject no longer enrolled still lists)."""
+        session = self._active()
+        joined, where = self._queue_where(flt)
+        total = session.execute(select(func.count()).select_from(joined).where(*where)).scalar_one()
+        q = (select(_discrepancy, _enrollment.c.site_oid.label("enrolled_site")).select_from(joined)
+             .where(*where).order_by(_discrepancy.c.id).offset(offset))
+        if limit is not None:
+            q = q.limit(limit)
+        return [self._record_from_row(row) for row in session.execute(q)], int(total)
+
+    def discrepancy_ids(self, flt: DiscrepancyFilter, *, limit: int | None = None) -> list[int]:
+        """The ids matching a filter, oldest first (what a bulk action works through)."""
+        joined, where = self._queue_where(flt)
+        q = select(_discrepancy.c.id).select_from(joined).where(*where).order_by(_discrepancy.c.id)
+        if limit is not None:
+            q = q.limit(limit)
+        return [int(i) for i in self._active().execute(q).scalars()]
+
+    def get_discrepancy(self, discrepancy_id: int) -> DiscrepancyRecord | None:
+        t, e = _discrepancy, _enrollment
+        row = self._active().execute(
+            select(t, e.c.site_oid.label("enrolled_site"))
+            .select_from(t.outerjoin(e, and_(e.c.study_oid == t.c.study_oid, e.c.subject_key == t.c.subject_key)))
+            .where(t.c.id == int(discrepancy_id))
+        ).first()
+        return None if row is None else self._record_from_row(row)
+
+    def transition_discrepancy(self, discrepancy_id: int, *, from_statuses: Iterable[str], status: str,
+                               assignee: Any = _KEEP, resolution: str | None = None, actor: str | None = None,
+                               reason: str | None = None, value: str | None = None) -> DiscrepancyRecord:
+        """Move one discrepancy to `status` only if it is in one of `from_statuses` (a conditional
+        UPDATE: two data managers deciding at once cannot both win; the loser gets
+        DiscrepancyStateError and its unit of work rolls back). Closing (resolved/dismissed) records
+        the resolution, who, when, why and the value sent; re-opening clears them."""
+        if status not in DISCREPANCY_STATUSES:
+            raise StoreError(f"unknown discrepancy status {status!r}: expected one of {', '.join(DISCREPANCY_STATUSES)}")
+        session = self._writable()
+        t = _discrepancy
+        now = self._now()
+        values: dict[str, Any] = {"status": status, "updated_at": now}
+        if assignee is not _KEEP:
+            values["assignee"] = assignee
+        if status in OPEN_DISCREPANCY_STATUSES:
+            values.update(_NO_RESOLUTION)
+        else:
+            if resolution not in DISCREPANCY_RESOLUTIONS:
+                raise StoreError(f"closing a discrepancy needs a resolution: one of {', '.join(DISCREPANCY_RESOLUTIONS)}")
+            values.update(resolution=resolution, resolved_by=actor, resolved_at=now, resolution_reason=reason,
+                          resolution_value=value)
+        done = cast(CursorResult[Any], session.execute(
+            update(t).where(t.c.id == int(discrepancy_id), t.c.status.in_(list(from_statuses))).values(**values)))
+        if done.rowcount != 1:
+            current = self.get_discrepancy(discrepancy_id)
+            if current is None:
+                raise DiscrepancyNotFound(f"no discrepancy {discrepancy_id}")
+            raise DiscrepancyStateError(f"discrepancy {discrepancy_id} is {current.status}: the action applies to "
+                                        f"{' or '.join(from_statuses)} discrepancies only")
+        record = self.get_discrepancy(discrepancy_id)
+        assert record is not None
+        return record
+
+    def review_policies(self, study_oid: str) -> dict[str, tuple[str, str, dt.datetime]]:
+        """Run-time review-before-send overrides: {form OID: (mode, changed_by, updated_at)}."""
+        t = _review_policy
+        rows = self._active().execute(select(t).where(t.c.study_oid == study_oid).order_by(t.c.form_oid))
+        return {row.form_oid: (row.mode, row.changed_by, row.updated_at) for row in rows}
+
+    def set_review_policy(self, study_oid: str, form_oid: str, mode: str | None, *, changed_by: str,
+                          reason: str) -> str | None:
+        """Store (or with mode None remove) a form's run-time policy; returns the previous override."""
+        if mode is not None and mode not in REVIEW_MODES:
+            raise StoreError(f"unknown review mode {mode!r}: expected one of {', '.join(REVIEW_MODES)}")
+        session = self._writable()
+        t = _review_policy
+        where = (t.c.study_oid == study_oid, t.c.form_oid == form_oid)
+        previous = session.execute(select(t.c.mode).where(*where)).scalar()
+        if mode is None:
+            session.execute(t.delete().where(*where))
+            return previous
+        values = {"mode": mode, "changed_by": changed_by, "reason": reason, "updated_at": self._now()}
+        session.execute(self._insert(t).values(study_oid=study_oid, form_oid=form_oid, **values)
+                        .on_conflict_do_update(index_elements=[t.c.study_oid, t.c.form_oid], set_=values))
+        return previous
+
+    def requeue_outbox(self, outbox_id: int, *, from_statuses: Iterable[str] = ("rejected", "failed"),
+                       note: str | None = None) -> bool:
+        """Put a rejected or failed outbox row back to 'pending' (a data manager's re-push). False when
+        the row is not in one of `from_statuses` any more. Its attempt count is kept (history)."""
+        values: dict[str, Any] = {"status": "pending"}
+        if note is not None:
+            values["last_error"] = note
+        done = cast(CursorResult[Any], self._writable().execute(
+            update(_outbox).where(_outbox.c.id == int(outbox_id), _outbox.c.status.in_(list(from_statuses)))
+            .values(**values)))
+        return done.rowcount == 1
+
+    def delete_sent_items(self, keys: Iterable[ItemKey]) -> int:
+        """Forget the state of items a data manager's decision removed from the eCRF (ODM Remove), so a
+        later value for them is an Insert again. Returns how many rows went."""
+        session = self._writable()
+        n = 0
+        for key in keys:
+            done = cast(CursorResult[Any], session.execute(_item.delete().where(
+                *(_item.c[name] == value for name, value in self._item_key_values(key).items()))))
+            n += done.rowcount
+        return n
+
+    def _queue_where(self, flt: DiscrepancyFilter) -> tuple[Any, list[Any]]:
+        t, e = _discrepancy, _enrollment
+        joined = t.outerjoin(e, and_(e.c.study_oid == t.c.study_oid, e.c.subject_key == t.c.subject_key))
+        where: list[Any] = [t.c.study_oid == flt.study_oid]
+        if flt.site_oids is not None:
+            where.append(e.c.site_oid.in_(list(flt.site_oids)))
+        for column, wanted in ((t.c.subject_key, flt.subject_keys), (t.c.kind, flt.kinds),
+                               (t.c.status, flt.statuses), (t.c.id, flt.ids)):
+            if wanted is not None:
+                where.append(column.in_(list(wanted)))
+        for column, one in ((t.c.item_oid, flt.item_oid), (t.c.form_oid, flt.form_oid),
+                            (t.c.study_event_oid, flt.study_event_oid), (t.c.assignee, flt.assignee)):
+            if one is not None:
+                where.append(column == one)
+        if flt.unassigned:
+            where.append(t.c.assignee.is_(None))
+        if flt.created_from is not None:
+            where.append(t.c.created_at >= flt.created_from)
+        if flt.created_to is not None:
+            where.append(t.c.created_at < flt.created_to)
+        return joined, where
+
+    def _record_from_row(self, row: Any) -> DiscrepancyRecord:
+        return DiscrepancyRecord(
+            id=int(row.id), discrepancy=self._discrepancy_from_row(row), status=row.status,
+            site_oid=row.enrolled_site, assignee=row.assignee, resolution=row.resolution,
+            resolved_by=row.resolved_by, resolved_at=row.resolved_at, resolution_reason=row.resolution_reason,
+            resolution_value=row.resolution_value, created_at=row.created_at, updated_at=row.updated_at)
 
     # -- outbox ----------------------------------------------------------------------------------------
 
@@ -934,6 +1354,225 @@ class SqlAlchemyUnitOfWork:
         if done.rowcount != 1:
             raise StoreError(f"no outbox row {outbox_id}")
 
+    # -- API users, tokens and transfer queries (esource.api; migration 0005) -------------------------
+
+    def user(self, username: str) -> User | None:
+        """The API user `username`, or None."""
+        row = self._active().execute(select(_api_user).where(_api_user.c.username == username)).first()
+        return _user_of(row) if row is not None else None
+
+    def users(self) -> list[User]:
+        rows = self._active().execute(select(_api_user).order_by(_api_user.c.username)).all()
+        return [_user_of(r) for r in rows]
+
+    def put_user(self, user: User) -> None:
+        """Create or replace an API user (roles, sites, studies, password hash, active)."""
+        t = _api_user
+        now = self._now()
+        values = {"roles": sorted(str(r) for r in user.roles),
+                  "sites": sorted(user.sites) if user.sites is not None else None,
+                  "studies": sorted(user.studies) if user.studies is not None else None,
+                  "password_hash": user.password_hash, "active": bool(user.active),
+                  "updated_at": user.updated_at or now}
+        self._writable().execute(
+            self._insert(t).values(username=user.username, created_at=user.created_at or now, **values)
+            .on_conflict_do_update(index_elements=[t.c.username], set_=values))
+
+    def add_api_token(self, token: ApiToken) -> None:
+        """Store a new token (its hash only)."""
+        self._writable().execute(_api_token.insert().values(
+            token_id=token.token_id, token_hash=token.token_hash, username=token.username, label=token.label,
+            created_at=token.created_at, expires_at=token.expires_at, revoked_at=token.revoked_at))
+
+    def api_token(self, token_id: str) -> ApiToken | None:
+        row = self._active().execute(select(_api_token).where(_api_token.c.token_id == token_id)).first()
+        return _token_of(row) if row is not None else None
+
+    def api_tokens(self, username: str | None = None) -> list[ApiToken]:
+        q = select(_api_token).order_by(_api_token.c.created_at, _api_token.c.token_id)
+        if username is not None:
+            q = q.where(_api_token.c.username == username)
+        return [_token_of(r) for r in self._active().execute(q).all()]
+
+    def revoke_api_token(self, token_id: str, at: dt.datetime) -> bool:
+        """Revoke one token; False when unknown or already revoked."""
+        t = _api_token
+        done = cast(CursorResult[Any], self._writable().execute(
+            update(t).where(t.c.token_id == token_id, t.c.revoked_at.is_(None)).values(revoked_at=at)))
+        return done.rowcount == 1
+
+    def revoke_user_tokens(self, username: str, at: dt.datetime) -> int:
+        """Revoke every live token of a user; how many."""
+        t = _api_token
+        done = cast(CursorResult[Any], self._writable().execute(
+            update(t).where(t.c.username == username, t.c.revoked_at.is_(None)).values(revoked_at=at)))
+        return int(done.rowcount or 0)
+
+    def needs_visit_index(self, study_oid: str | None = None) -> bool:
+        """True when some outbox row (of the study) has no `outbox_visit` rows yet (a cheap read, so
+        the API takes the write lock of `index_outbox_visits` only when there is work)."""
+        o, v = _outbox, _outbox_visit
+        q = select(o.c.id).where(~exists().where(v.c.outbox_id == o.c.id)).limit(1)
+        if study_oid is not None:
+            q = q.where(o.c.study_oid == study_oid)
+        return self._active().execute(q).first() is not None
+
+    def index_outbox_visits(self, study_oid: str | None = None, *, batch: int = 500) -> int:
+        """Record the StudyEventOIDs of outbox rows not indexed yet (parsed from their stored ODM; '' for
+        a transaction without one). Idempotent and safe under concurrency (insert-or-ignore). How many
+        rows were indexed."""
+        from esource.odm.xsd import safe_parse
+
+        session = self._writable()
+        o, v = _outbox, _outbox_visit
+        done = 0
+        while True:
+            q = (select(o.c.id, o.c.odm).where(~exists().where(v.c.outbox_id == o.c.id))
+                 .order_by(o.c.id).limit(batch))
+            if study_oid is not None:
+                q = q.where(o.c.study_oid == study_oid)
+            rows = session.execute(q).all()
+            if not rows:
+                return done
+            values = []
+            for row in rows:
+                try:
+                    root = safe_parse(bytes(row.odm), f"outbox {row.id}")
+                    events = {el.get("StudyEventOID") or "" for el in root.iter("{*}StudyEventData")}
+                except Exception:  # a row that cannot be read stays findable without the visit filter
+                    events = set()
+                values.extend({"outbox_id": row.id, "study_event_oid": e} for e in sorted(events or {""}))
+            session.execute(self._insert(v).on_conflict_do_nothing(), values)
+            done += len(rows)
+            if len(rows) < batch:
+                return done
+
+    def transfers(self, study_oid: str, *, sites: Iterable[str] | None = None, subject_key: str | None = None,
+                  visit: str | None = None, statuses: Iterable[str] | None = None,
+                  since: dt.datetime | None = None, until: dt.datetime | None = None,
+                  limit: int = 50, offset: int = 0) -> tuple[list[TransferSummary], int]:
+        """One page of a study's outbox rows, newest first, and the total matching: filtered by sites
+        (None: all), subject, visit (StudyEventOID, needs `index_outbox_visits` first), statuses and
+        creation time [since, until). Without the ODM body."""
+        session = self._active()
+        o, v = _outbox, _outbox_visit
+        conds: list[Any] = [o.c.study_oid == study_oid]
+        if sites is not None:
+            conds.append(o.c.site_oid.in_(sorted(sites)))
+        if subject_key is not None:
+            conds.append(o.c.subject_key == subject_key)
+        if statuses is not None:
+            conds.append(o.c.status.in_(sorted(statuses)))
+        if since is not None:
+            conds.append(o.c.created_at >= since)
+        if until is not None:
+            conds.append(o.c.created_at < until)
+        if visit is not None:
+            conds.append(exists().where(v.c.outbox_id == o.c.id, v.c.study_event_oid == visit))
+        total = int(session.execute(select(func.count()).select_from(o).where(*conds)).scalar() or 0)
+        cols = [c for c in o.c if c.name not in ("odm", "previous_values")]
+        rows = session.execute(select(*cols).where(*conds).order_by(o.c.id.desc()).limit(limit).offset(offset)).all()
+        visits = self.outbox_visits([r.id for r in rows])
+        return [_summary_of(r, visits.get(r.id, [])) for r in rows], total
+
+    def outbox_visits(self, outbox_ids: Sequence[int]) -> dict[int, list[str]]:
+        """The indexed StudyEventOIDs per outbox row (rows not indexed yet are absent)."""
+        if not outbox_ids:
+            return {}
+        v = _outbox_visit
+        out: dict[int, list[str]] = {}
+        for row in self._active().execute(select(v.c.outbox_id, v.c.study_event_oid)
+                                          .where(v.c.outbox_id.in_(list(outbox_ids)))
+                                          .order_by(v.c.outbox_id, v.c.study_event_oid)):
+            lst = out.setdefault(row.outbox_id, [])
+            if row.study_event_oid:
+                lst.append(row.study_event_oid)
+        return out
+
+    def outbox_entry(self, outbox_id: int) -> OutboxEntry | None:
+        """One outbox row with its ODM body, or None."""
+        row = self._active().execute(select(_outbox).where(_outbox.c.id == outbox_id)).first()
+        if row is None:
+            return None
+        return OutboxEntry(id=row.id, study_oid=row.study_oid, subject_key=row.subject_key, sequence=row.sequence,
+                           site_oid=row.site_oid, odm=bytes(row.odm), item_count=row.item_count, status=row.status,
+                           attempts=row.attempts, created_at=row.created_at, sent_at=row.sent_at,
+                           last_error=row.last_error, previous_values=dict(row.previous_values or {}))
+
+    def sent_items_since(self, study_oid: str, *, since: dt.datetime | None = None, subject_key: str | None = None,
+                         sites: Iterable[str] | None = None) -> list[tuple[SentItem, str, dt.datetime]]:
+        """(item state, the subject's site, when it last changed) for the study's items changed at or
+        after `since` — what esource sent, for the ODM pull. Subjects in id order, items in state order."""
+        t, e = _item, _enrollment
+        q = (select(t, e.c.site_oid.label("enrolled_site"))
+             .join(e, and_(e.c.study_oid == t.c.study_oid, e.c.subject_key == t.c.subject_key))
+             .where(t.c.study_oid == study_oid).order_by(e.c.id, t.c.id))
+        if since is not None:
+            q = q.where(t.c.updated_at >= since)
+        if subject_key is not None:
+            q = q.where(t.c.subject_key == subject_key)
+        if sites is not None:
+            q = q.where(e.c.site_oid.in_(sorted(sites)))
+        out = []
+        for row in self._active().execute(q):
+            key = ItemKey(study_oid=row.study_oid, subject_key=row.subject_key, study_event_oid=row.study_event_oid,
+                          study_event_repeat_key=_repeat_out(row.study_event_repeat_key), form_oid=row.form_oid,
+                          item_group_oid=row.item_group_oid,
+                          item_group_repeat_key=_repeat_out(row.item_group_repeat_key), item_oid=row.item_oid)
+            item = SentItem(key=key, value=row.value, source_identity=row.source_identity,
+                            source_version=row.source_version, source_type=row.source_type, source_id=row.source_id,
+                            rule=row.rule, frozen=bool(row.frozen))
+            out.append((item, row.enrolled_site, row.updated_at))
+        return out
+
+
+# -- API users, tokens and transfer queries (migration 0005) ----------------------------------------
+
+from esource.domain.users import ApiToken, User  # noqa: E402
+from esource.store.schema import ApiTokenRow, ApiUserRow, OutboxVisitRow  # noqa: E402
+
+_api_user: Table = ApiUserRow.__table__  # type: ignore[assignment]
+_api_token: Table = ApiTokenRow.__table__  # type: ignore[assignment]
+_outbox_visit: Table = OutboxVisitRow.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSummary:
+    """An outbox row as the transfers API lists it: no ODM body; `visits` the StudyEventOIDs inside."""
+
+    id: int
+    study_oid: str
+    subject_key: str
+    sequence: int
+    site_oid: str
+    item_count: int
+    status: str
+    attempts: int
+    created_at: dt.datetime
+    sent_at: dt.datetime | None
+    last_error: str | None
+    visits: tuple[str, ...] = ()
+
+
+def _summary_of(row: Any, visits: Sequence[str]) -> TransferSummary:
+    return TransferSummary(id=row.id, study_oid=row.study_oid, subject_key=row.subject_key, sequence=row.sequence,
+                           site_oid=row.site_oid, item_count=row.item_count, status=row.status, attempts=row.attempts,
+                           created_at=row.created_at, sent_at=row.sent_at, last_error=row.last_error,
+                           visits=tuple(visits))
+
+
+def _user_of(row: Any) -> User:
+    return User(username=row.username, roles=frozenset(str(r) for r in row.roles or ()),
+                sites=frozenset(row.sites) if row.sites is not None else None,
+                studies=frozenset(row.studies) if row.studies is not None else None,
+                password_hash=row.password_hash, active=bool(row.active), created_at=row.created_at,
+                updated_at=row.updated_at)
+
+
+def _token_of(row: Any) -> ApiToken:
+    return ApiToken(token_id=row.token_id, token_hash=row.token_hash, username=row.username,
+                    created_at=row.created_at, expires_at=row.expires_at, revoked_at=row.revoked_at, label=row.label)
+
 
 class Store:
     """A database holding esource's state: opens the engine, migrates it to head (unless
@@ -968,7 +1607,8 @@ class Store:
         """A new unit of work. Read-only ones refuse writes and, on SQLite, do not take the write
         lock (they read alongside a writer)."""
         factory = self._read_only_sessions if read_only else self._sessions
-        return SqlAlchemyUnitOfWork(factory, clock=self._clock, read_only=read_only)
+        return SqlAlchemyUnitOfWork(factory, clock=self._clock, read_only=read_only,
+                                    audit_session_factory=self._sessions if read_only else None)
 
     def dispose(self) -> None:
         """Close all pooled connections."""

@@ -138,6 +138,9 @@ class _FormBase(_Strict):
     select: dict[str, Selector]
     validate_elements: list[str] = Field(default_factory=list)
     codes: dict[str, Any] = Field(default_factory=dict)
+    # review-before-send: `auto` sends values at once; `adjudicate` holds them (REVIEW_REQUIRED
+    # discrepancies) until an authorised user approves (esource.reconciliation.policy)
+    review: Literal["auto", "adjudicate"] = "auto"
 
     ROLES: frozenset[str] = frozenset()
 

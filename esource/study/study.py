@@ -124,6 +124,12 @@ class Study:
     def uris(self, key: str) -> list[str]:
         return self.spec.systems.get(key, [key])
 
+    def review_mode(self, form_oid: str) -> str:
+        """The form's review-before-send policy in the map (`auto` for a form the map does not list);
+        a data manager's stored override wins at run time (esource.reconciliation.policy)."""
+        form = self.spec.forms.get(form_oid)
+        return form.review if form is not None else "auto"
+
 
 def _check_privacy(spec: StudyMapSpec, map_file: Path, lines: _LineMap) -> None:
     forbidden = spec.privacy.never_read

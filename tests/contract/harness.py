@@ -21,6 +21,7 @@ ItemPath = tuple[str, "str | None", str, str, "str | None", str]
 class EdcHarness(Protocol):
     name: str
     connector: EdcConnector
+    secrets: tuple[str, ...]  # the credentials the connector presents: never shown in a log, error or state
 
     def inject(self, mode: str, count: int = 1, *, retry_after: float | None = None, delay: float | None = None,
                after_commit: bool = False) -> None:

@@ -4,10 +4,11 @@ The "EDC" is the folder: `values()` applies the dropped transaction files of a s
 order (Insert, Update, Upsert, Remove), as a collector would; `write_count()` counts transaction
 files (a re-sent transaction replaces its own file: the name carries the transaction key).
 
-Faults are what a file share can do, raised by a wrapper around the connector: "500" an I/O error
-(EIO), "503" a busy share (EAGAIN), "timeout" a network share timing out (ETIMEDOUT), "reset" a
-dropped SMB/NFS connection (ECONNRESET), "auth" a permission error (EACCES). With after_commit the
-file is written first, then the error raised. A file drop has no rate limiting ("429") and no
+Faults are what a file share can do, raised where the connector writes the file (so the connector
+classifies them, as it would the operating system's): "500" an I/O error (EIO), "503" a busy share
+(EAGAIN), "timeout" a network share timing out (ETIMEDOUT), "reset" a dropped SMB/NFS connection
+(ECONNRESET), "auth" a permission error (EACCES: the connector's EdcAuthenticationError). With
+after_commit the file is written first, then the error raised. A file drop has no rate limiting ("429") and no
 synchronous validation answer ("reject"): those modes skip the test. It has no read-back either, so
 `site_edit` skips (esource cannot see edits made on the EDC side of a file drop: no conflict check).
 """
@@ -26,8 +27,6 @@ from harness import ItemPath, register
 from lxml import etree
 
 from esource.connectors.odm_file import OdmFileConnector
-from esource.domain.model import SubjectTransaction
-from esource.domain.ports import ConnectorCapabilities, DeliveryReceipt
 
 _ERRORS: dict[str, tuple[type[OSError], int, str]] = {
     "500": (OSError, errno.EIO, "Input/output error"),
@@ -42,16 +41,13 @@ _NOT_A_FILE_DROP = {
 }
 
 
-class FaultyFileDrop:
-    """`EdcConnector` wrapping OdmFileConnector: the next writes fail with OS errors, on demand."""
+class FaultyFileDrop(OdmFileConnector):
+    """The ODM file drop whose next file writes fail with OS errors, on demand."""
 
-    def __init__(self, inner: OdmFileConnector) -> None:
-        self.inner = inner
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
         self._lock = threading.Lock()
         self._faults: list[tuple[str, bool]] = []
-
-    def capabilities(self) -> ConnectorCapabilities:
-        return self.inner.capabilities()
 
     def plan(self, mode: str, count: int, after_commit: bool) -> None:
         with self._lock:
@@ -61,28 +57,25 @@ class FaultyFileDrop:
         with self._lock:
             self._faults = []
 
-    def send(self, transaction: SubjectTransaction, odm: bytes) -> DeliveryReceipt:
+    def _write(self, target: Path, odm: bytes) -> None:
         with self._lock:
             fault = self._faults.pop(0) if self._faults else None
         if fault is None:
-            return self.inner.send(transaction, odm)
+            return super()._write(target, odm)
         mode, after_commit = fault
         if after_commit:
-            self.inner.send(transaction, odm)
+            super()._write(target, odm)
         kind, code, text = _ERRORS[mode]
-        raise kind(code, text + (" (after the file was written)" if after_commit else ""),
-                   str(self.inner.folder / self.inner.file_name(transaction)))
-
-    def read_back(self, study_oid: str, subject_key: str) -> bytes | None:
-        return self.inner.read_back(study_oid, subject_key)
+        raise kind(code, text + (" (after the file was written)" if after_commit else ""), str(target))
 
 
 class OdmFileHarness:
     name = "odm_file"
+    secrets: tuple[str, ...] = ()
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.connector = FaultyFileDrop(OdmFileConnector(folder))
+        self.connector = FaultyFileDrop(folder)
 
     def inject(self, mode: str, count: int = 1, *, retry_after: float | None = None, delay: float | None = None,
                after_commit: bool = False) -> None:

@@ -4,8 +4,8 @@ OpenClinicaConnector (connectors/openclinica.py) talking to it.
 
 Faults go through the emulator's own fault plan on the import request (`POST /_faults` semantics,
 set in-process). "reject" is OC's own way of refusing a file: the job completes and every form of it
-is `Failed` (errorCode.formAlreadyComplete, nothing applied); "auth" a 401 on the import (a permanent
-rejection for the connector); "timeout" answers after `delay` seconds, longer than the connector's
+is `Failed` (errorCode.formAlreadyComplete, nothing applied); "auth" a 401 on the import (the connector's
+EdcAuthenticationError); "timeout" answers after `delay` seconds, longer than the connector's
 timeout; with after_commit the import job is created, then the failure answered.
 
 `write_count()` counts import jobs that changed at least one value: a re-send after an ambiguous
@@ -43,6 +43,7 @@ def _cv01_design() -> StudyDesign:
 
 class OpenClinicaHarness:
     name = "openclinica"
+    secrets = (TOKEN,)
 
     def __init__(self, app: Any, url: str) -> None:
         self.app = app

@@ -14,6 +14,7 @@ answers after `delay` seconds, longer than the connector's timeout.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +30,13 @@ from esource.services.server import ThreadedServer, free_port
 
 CONNECTOR_TIMEOUT = 0.5  # seconds; a "timeout" fault answers later than this
 TIMEOUT_DELAY = 0.9
-USER, PASSWORD = "rwsuser", "password"
+USER, PASSWORD = "rwsuser", "rws-Pa55w0rd-contract"
 ENVIRONMENT = "PROD"
 
 
 class RaveHarness:
     name = "rave"
+    secrets = (PASSWORD, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -42,6 +42,7 @@ def cv01_mapping() -> RedcapMapping:
 
 class RedcapHarness:
     name = "redcap"
+    secrets = (DEFAULT_TOKEN,)
 
     def __init__(self, app: Any, url: str, mapping: RedcapMapping) -> None:
         self.app = app

@@ -3,8 +3,8 @@ a thread on a free loopback port, and the SandboxConnector (connectors/sandbox.p
 
 Faults go through the sandbox's own fault plan (`POST /_faults` semantics, set in-process): every
 mode of the harness interface is native. "reject" is a 422 with the sandbox's code and message;
-"auth" a 401 (a permanent rejection for the connector); "timeout" answers after `delay` seconds,
-longer than the connector's timeout.
+"auth" a 401 (EdcAuthenticationError for the connector), as for a wrong API key (the harness uses
+one); "timeout" answers after `delay` seconds, longer than the connector's timeout.
 """
 
 from __future__ import annotations
@@ -26,14 +26,18 @@ CONNECTOR_TIMEOUT = 0.5  # seconds; a "timeout" fault answers later than this
 TIMEOUT_DELAY = 0.9
 
 
+API_KEY = "contract-sandbox-key-7781"
+
+
 class SandboxHarness:
     name = "sandbox"
+    secrets = (API_KEY,)
 
     def __init__(self, app: Any, url: str) -> None:
         self.app = app
         self.edc = app.state.sandbox
         self.plan = app.state.faults
-        self.connector = SandboxConnector(url, timeout=CONNECTOR_TIMEOUT)
+        self.connector = SandboxConnector(url, timeout=CONNECTOR_TIMEOUT, api_key=API_KEY)
 
     def inject(self, mode: str, count: int = 1, *, retry_after: float | None = None, delay: float | None = None,
                after_commit: bool = False) -> None:
@@ -68,7 +72,7 @@ class SandboxHarness:
 @register("sandbox")
 @contextmanager
 def sandbox_harness(tmp_path: Path) -> Iterator[SandboxHarness]:
-    app = create_sandbox_app(None)
+    app = create_sandbox_app(None, api_key=API_KEY)
     try:
         with ThreadedServer(app, "127.0.0.1", free_port(), log_level="critical", graceful_shutdown_s=1) as served:
             harness = SandboxHarness(app, served.url)

@@ -9,7 +9,10 @@ connector must do:
   before or after the EDC committed, without applying anything twice (write_count and values);
 - keep each subject's transactions in sequence while other subjects flow;
 - turn a permanent rejection into an EDC_REJECTED discrepancy carrying the vendor's code and message,
-  holding the subject until a data manager re-queues;
+  holding the subject until a data manager re-queues the row or closes the discrepancy;
+- on an authentication failure (the vendor's 401/403) stop sending to the endpoint, keep every
+  transaction pending (no rejection, no discrepancy), probe once per re-check interval, resume when
+  the credentials are accepted, and never show a credential;
 - read a subject back in esource's keys (connectors with read-back);
 - never overwrite a value site staff changed in the EDC (EDC_CONFLICT; connectors with read-back);
 - survive a crash between the EDC's commit and esource's bookkeeping;
@@ -25,6 +28,7 @@ EDC holds for the subject. A connector may accept a transaction whose SubjectDat
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import random
 import threading
@@ -38,6 +42,7 @@ import pytest
 from esource.domain.model import DiscrepancyKind, Enrollment, ItemKey, Severity
 from esource.intake.parse import parse_fhir
 from esource.mapping.engine import MappingEngine
+from esource.observability import Metrics
 from esource.privacy import Pseudonymizer
 from esource.services.conflicts import edc_values, item_path, odm_items
 from esource.services.dispatch import Dispatcher, TransientDeliveryError
@@ -311,22 +316,102 @@ def test_a_rejection_opens_a_discrepancy_with_the_vendors_words_and_holds_the_su
     assert_all_delivered(world, edc, writes=3)
 
 
-def test_an_authentication_failure_loses_nothing_and_applies_nothing(edc, world):
+def test_closing_a_rejection_without_re_queueing_lets_the_later_rows_go(edc, world):
+    """The rule for a subject's later rows (esource/services/dispatch.py): held while the EDC_REJECTED
+    discrepancy is open or in review; closed without a re-queue, the rejected row stays rejected and
+    is never sent again, the later rows go in sequence."""
     world.weight(A, 1)
-    edc.inject("auth", 3)
-    d = world.dispatcher(max_attempts=3)
+    assert world.dispatcher().drain().sent == 1
+    world.height(A)  # A2: rejected below
+    world.heart_rate(A)  # A3: held behind A2
+    edc.inject("reject")
+    d = world.dispatcher()
     report = d.drain()
-    assert report.sent == 0 and report.rejected + report.failed == 1
-    [row] = world.outbox()
-    assert row.status in ("rejected", "failed") and row.last_error
-    assert edc.values(STUDY, A) == {} and edc.write_count() == 0
-    edc.clear_faults()  # credentials fixed
+    assert (report.sent, report.rejected, report.deferred) == (0, 1, 1)
+    [disc] = world.discrepancies(A)
     with world.store.uow() as uow:
-        uow.set_outbox_status(row.id, "pending")
+        uow.set_discrepancy_status(disc.key, "in_review")  # a data manager looks at it: still held
         uow.commit()
-    world.clock.advance(minutes=5)
-    assert d.drain().sent == 1
-    assert_all_delivered(world, edc, writes=1)
+    edc.clear_faults()
+    assert d.drain().sent == 0
+    with world.store.uow() as uow:
+        uow.set_discrepancy_status(disc.key, "dismissed")  # entered by hand in the EDC, or given up
+        uow.commit()
+    report = d.drain()
+    assert (report.sent, report.rejected, report.deferred) == (1, 0, 0)
+    rows = {e.sequence: e.status for e in world.outbox() if e.subject_key == A}
+    assert rows[1] in DELIVERED and rows[2] == "rejected" and rows[3] in DELIVERED
+    values = edc.values(STUDY, A)
+    assert HEIGHT not in values and values[HEART_RATE] == "72" and values[WEIGHT] == "70.5"
+    assert edc.write_count() == 2
+    assert d.drain().sent == 0  # the rejected row is never sent again
+
+
+class CountingSends:
+    """Wraps a connector: counts sends (each one presents esource's credentials to the EDC)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.sends = 0
+
+    def capabilities(self) -> Any:
+        return self.inner.capabilities()
+
+    def send(self, tx: Any, odm: bytes) -> Any:
+        self.sends += 1
+        return self.inner.send(tx, odm)
+
+    def read_back(self, study: str, subject: str) -> bytes | None:
+        return self.inner.read_back(study, subject)
+
+
+def test_an_authentication_failure_stops_the_endpoint_and_keeps_every_transaction_pending(edc, world, caplog):
+    world.weight(A, 1)
+    world.weight(B, 1)
+    world.weight(A, 2)
+    edc.inject("auth", 1000)  # the EDC refuses esource's credentials until further notice
+    counting = CountingSends(edc.connector)
+    name = counting.capabilities().name
+    metrics = Metrics()
+    d = world.dispatcher(counting, metrics=metrics, auth_recheck=600)
+    caplog.set_level(logging.DEBUG, logger="esource")
+
+    report = d.drain()
+    assert report.auth_failed == 1 and (report.sent, report.rejected, report.failed, report.retries) == (0, 0, 0, 0)
+    assert counting.sends == 1  # one refusal stops the endpoint: no retry, no other subject tried
+    assert {e.status for e in world.outbox()} == {"pending"}
+    assert world.discrepancies(A) == [] and world.discrepancies(B) == []
+    assert edc.values(STUDY, A) == {} and edc.values(STUDY, B) == {} and edc.write_count() == 0
+    [state] = d.endpoint_states()
+    assert (state["state"], state["studies"], state["connector"]) == ("auth_failed", [STUDY], name)
+    [refused] = [e for e in world.outbox() if e.last_error]
+    assert (refused.subject_key, refused.sequence) == (A, 1) and "credentials" in refused.last_error
+    assert metrics.registry.get_sample_value("esource_edc_circuit_open", {"connector": name}) == 1
+    assert metrics.registry.get_sample_value("esource_deliveries_total",
+                                             {"connector": name, "outcome": "auth_failed"}) == 1
+
+    world.clock.advance(seconds=599)  # before the re-check nothing is sent, however often it passes
+    assert d.drain().sent == 0 and d.drain().sent == 0 and counting.sends == 1
+    world.clock.advance(seconds=2)  # the re-check: one probe, refused again: stopped again
+    report = d.drain()
+    assert report.auth_failed == 1 and counting.sends == 2 and d.endpoint_states()[0]["state"] == "auth_failed"
+    assert {e.status for e in world.outbox()} == {"pending"}
+
+    edc.clear_faults()  # the credentials are fixed at the EDC
+    assert d.drain().sent == 0  # esource waits for the next re-check
+    world.clock.advance(seconds=601)
+    report = d.drain()
+    assert report.sent == 3 and report.auth_failed == 0
+    assert_all_delivered(world, edc, writes=3)
+    assert d.endpoint_states()[0]["state"] == "closed"
+    assert metrics.registry.get_sample_value("esource_edc_circuit_open", {"connector": name}) == 0
+    assert world.discrepancies(A) == [] and world.discrepancies(B) == []
+
+    shown = caplog.text + repr(d.endpoint_states()) + repr(edc.connector) + "".join(
+        e.last_error or "" for e in world.outbox())
+    assert "refused esource's credentials" in caplog.text
+    for secret in getattr(edc, "secrets", ()):
+        assert secret not in shown
 
 
 # ------------------------------------------------------------------------------------------ read-back and conflicts

@@ -4,10 +4,6 @@ uvicorn on loopback, and what the EDC should hold after replaying the outbox's O
 from __future__ import annotations
 
 import datetime as dt
-import socket
-import threading
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -19,6 +15,9 @@ from esource.intake.parse import parse_fhir
 from esource.mapping.engine import MappingEngine
 from esource.privacy import Pseudonymizer
 from esource.services.process import Processor, content_key, enroll, intake_key_for
+from esource.services.server import ThreadedServer, free_port
+
+__all__ = ["Feeder", "SandboxServer", "free_port", "odm_items", "expected_state", "edc_state", "snapshot_state"]
 
 ODM = "{http://www.cdisc.org/ns/odm/v1.3}"
 MRN_SYSTEM = "http://hospital.example/mrn"
@@ -132,47 +131,29 @@ def snapshot_state(odm: bytes) -> dict[tuple, str | None]:
 # ------------------------------------------------------------------------------------------ HTTP server
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
 class SandboxServer:
-    """A sandbox EDC app served by uvicorn in a thread on a free loopback port."""
+    """A sandbox EDC app served on a free loopback port (esource's ThreadedServer), with test conveniences."""
 
-    app: Any
-    port: int = 0
-    server: Any = None
-    thread: threading.Thread | None = None
+    def __init__(self, app: Any, port: int = 0) -> None:
+        self.app = app
+        self.server = ThreadedServer(app, "127.0.0.1", port or free_port(), log_level="critical",
+                                     graceful_shutdown_s=1)
+
+    @property
+    def port(self) -> int:
+        return self.server.config.port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.url
 
     def start(self) -> SandboxServer:
-        import uvicorn
-
-        self.port = self.port or free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="off",
-                                timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"sandbox-edc-{self.port}", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("sandbox EDC did not start")
-            time.sleep(0.01)
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        if self.thread is not None:
-            self.thread.join(10)
-            assert not self.thread.is_alive(), "sandbox EDC did not stop"
+        self.server.stop()
+        assert not self.server.thread.is_alive(), "sandbox EDC did not stop"
 
     # ------------------------------------------------------------------ test conveniences (own client)
 

@@ -120,6 +120,33 @@ def test_out_of_order_transactions_are_refused_and_nothing_is_applied(client, ro
     assert edc_state(client.get(f"/studies/{STUDY}/items").json()) == expected_state(list(rows.values()))
 
 
+def test_a_refused_transaction_counts_as_arrived_for_the_order(client, rows):
+    """esource may give a refused transaction up (the data manager closed the rejection) and go on with
+    the next, or send it again after a fix while nothing later was applied; order is still enforced."""
+    assert post(client, rows[(A, 1)]).status_code == 201
+    client.post("/_faults", json={"mode": "reject", "message": "form locked"}).raise_for_status()
+    assert post(client, rows[(A, 2)]).status_code == 422
+    assert post(client, rows[(A, 2)]).status_code == 201  # fixed and re-queued: allowed
+    client.post("/_faults", json={"mode": "reject"}).raise_for_status()
+    assert post(client, rows[(A, 3)]).status_code == 422
+    client.post("/_faults", json={"mode": "500"}).raise_for_status()  # not a refusal: does not count
+    assert post(client, rows[(B, 1)]).status_code == 500
+    assert post(client, rows[(B, 1)]).status_code == 201  # the 500 consumed nothing: B1 is still B's next
+    items = {(i["subject"], i["group_repeat"]) for i in client.get(f"/studies/{STUDY}/items").json()}
+    assert (A, "HEIGHT") not in items  # A3 was refused: nothing of it applied
+
+
+def test_a_given_up_transaction_cannot_come_back_after_a_later_one(client, rows):
+    assert post(client, rows[(A, 1)]).status_code == 201
+    client.post("/_faults", json={"mode": "reject"}).raise_for_status()
+    assert post(client, rows[(A, 2)]).status_code == 422
+    assert post(client, rows[(A, 3)]).status_code == 201  # A2 given up: A3 is next
+    r = post(client, rows[(A, 2)])
+    assert r.status_code == 409 and r.json()["code"] == "OUT_OF_ORDER"  # too late: A3 was applied after it
+    assert "expects transaction sequence 4, got 2" in r.json()["message"]
+    assert post(client, rows[(A, 1)]).status_code == 200  # a duplicate is still a duplicate
+
+
 def test_a_conflicting_item_rejects_the_whole_transaction(client, rows):
     post(client, rows[(A, 1)])
     post(client, rows[(A, 2)])

@@ -4,9 +4,6 @@ the OpenClinica 4 emulator served by uvicorn on loopback, and small ODM readers.
 from __future__ import annotations
 
 import datetime as dt
-import socket
-import threading
-import time
 from typing import Any
 
 import httpx
@@ -18,6 +15,10 @@ from esource.intake.parse import parse_fhir
 from esource.mapping.engine import MappingEngine
 from esource.privacy import Pseudonymizer
 from esource.services.process import Processor, content_key, enroll, intake_key_for
+from esource.services.server import ThreadedServer, free_port
+
+__all__ = ["Served", "Feeder", "FixedClock", "free_port", "tx", "odm_values", "replace_value", "STUDY", "MDV", "TOKEN",
+           "A", "B", "WEIGHT", "HEIGHT", "ODM", "OC"]
 
 STUDY, MDV = "CV01", "MDV.CV01.1"
 TOKEN = "oc-test-token-7f3a91"
@@ -110,25 +111,17 @@ def replace_value(odm: bytes, item_oid: str, value: str | None, *, group_repeat:
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Served:
-    """An OpenClinica emulator app served by uvicorn in a thread on a free loopback port."""
+    """An OpenClinica emulator app served on a free loopback port (esource's ThreadedServer)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.edc = app.state.openclinica
-        self.port = free_port()
-        self.server: Any = None
-        self.thread: threading.Thread | None = None
+        self.server = ThreadedServer(app, "127.0.0.1", free_port(), log_level="critical", graceful_shutdown_s=1)
 
     @property
     def root(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.url
 
     @property
     def url(self) -> str:
@@ -136,25 +129,11 @@ class Served:
         return f"{self.root}/OpenClinica"
 
     def start(self) -> Served:
-        import uvicorn
-
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="off",
-                                timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"openclinica-{self.port}", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the OpenClinica emulator did not start")
-            time.sleep(0.01)
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        if self.thread is not None:
-            self.thread.join(10)
+        self.server.stop()
         self.edc.close()
 
     # -- HTTP helpers ----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from esource.odm.writer import write_clinical_data
 from esource.odm.xsd import validate_odm
 from esource.privacy import Pseudonymizer
 from esource.services.conflicts import edc_values, item_path, odm_items, strip_items
-from esource.services.dispatch import Dispatcher, TransientDeliveryError
+from esource.services.dispatch import Dispatcher, EdcAuthenticationError, TransientDeliveryError
 
 
 def send(c: OpenClinicaConnector, row, odm: bytes | None = None):
@@ -211,17 +211,45 @@ def test_failing_polls_are_ridden_out(oc, make_connector, rows):
     assert sum(oc.faults(mode="500", target="poll", count=0)["injected"].values()) == 5
 
 
-def test_authentication_failures_are_permanent_and_apply_nothing(oc, make_connector, rows):
+def test_authentication_failures_stop_the_endpoint_and_apply_nothing(oc, make_connector, rows):
     wrong = make_connector(oc, token="wrong-secret-4d2c")
-    r = send(wrong, rows[(A, 1)])
-    assert (r.accepted, r.permanent, r.code) == (False, True, "401")
-    assert "authentication failed" in r.message and "wrong-secret-4d2c" not in r.message
+    with pytest.raises(EdcAuthenticationError) as err:
+        send(wrong, rows[(A, 1)])
+    assert err.value.status == 401 and "authentication failed" in str(err.value)
+    assert "wrong-secret-4d2c" not in str(err.value)
     c = make_connector(oc)
     oc.faults(mode="auth")
-    assert send(c, rows[(A, 1)]).code == "401"
+    with pytest.raises(EdcAuthenticationError):
+        send(c, rows[(A, 1)])
     assert oc.job_count() == 0
-    with pytest.raises(TransientDeliveryError, match="HTTP 401"):
+    with pytest.raises(EdcAuthenticationError, match="HTTP 401"):
         wrong.read_back(STUDY, A)
+    assert send(c, rows[(A, 1)]).accepted  # the fault is over: the same connector delivers
+
+
+def test_a_job_whose_poll_is_refused_is_followed_after_the_credentials_are_back(rows):
+    """The import was submitted, then the token expired: the job is remembered, not submitted twice."""
+    calls: list[str] = []
+    refuse = {"poll": True}
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        calls.append(req.url.path)
+        if req.url.path.endswith("/clinicaldata/import"):
+            return httpx.Response(200, text="job uuid: job-1")
+        if refuse["poll"]:
+            return httpx.Response(401, json={"error": "invalid_token"}, headers={"content-type": "application/json"})
+        return httpx.Response(200, text="SubjectKey,ParticipantID,EventOID,EventRepeatKey,FormOID,ItemGroupOID,"
+                                        "ItemGroupRepeatKey,ItemOID,Status,Timestamp,Message\n"
+                                        "SS_1,001-0001,SE.BASELINE,1,F.VS,IG.VS,1,IT.VS.VSORRES,Inserted,t,\n")
+
+    c = _mock(handler)
+    with pytest.raises(EdcAuthenticationError) as err:
+        send(c, rows[(A, 1)])
+    assert err.value.status == 401 and c.pending_jobs() == {f"{STUDY}/{A}/1": "job-1"}
+    refuse["poll"] = False
+    r = send(c, rows[(A, 1)])
+    assert r.accepted and r.reference == "job-1"
+    assert sum(1 for p in calls if p.endswith("/clinicaldata/import")) == 1
 
 
 def test_read_back_faults_are_transient(oc, make_connector, rows):

@@ -4,18 +4,18 @@ ODM (SubjectTransactions written by `esource.odm.writer.write_clinical_data`).""
 from __future__ import annotations
 
 import datetime as dt
-import socket
-import threading
-import time
 from typing import Any
 
 import httpx
-import uvicorn
 
 from esource.connectors.emulators.rave_rws import create_rave_app
 from esource.domain.model import ItemChange, ItemKey, ItemValue, SourceRef, SubjectTransaction, TransactionType
 from esource.odm.writer import write_clinical_data
 from esource.privacy import Pseudonymizer
+from esource.services.server import ThreadedServer, free_port
+
+__all__ = ["RaveServer", "free_port", "change", "vs", "transaction", "odm_of", "STUDY", "MDV", "USER", "PASSWORD",
+           "STUDIES", "CONNECTOR_TIMEOUT", "FAULT_DELAY"]
 
 STUDY, MDV = "CV01", "MDV.CV01.1"
 USER, PASSWORD = "rwsuser", "s3cret-Pa55word"
@@ -25,41 +25,28 @@ CONNECTOR_TIMEOUT = 0.4  # seconds; "timeout" faults answer later (FAULT_DELAY)
 FAULT_DELAY = 0.8
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RaveServer:
-    """The emulator served by uvicorn in a daemon thread; `http` talks to its test endpoints."""
+    """The emulator served on a free loopback port (esource's ThreadedServer); `http` talks to its test
+    endpoints."""
 
     def __init__(self, **options: Any) -> None:
         options.setdefault("users", {USER: PASSWORD})
         options.setdefault("studies", STUDIES)
         self.app = create_rave_app(options.pop("db_path", None), **options)
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="critical",
-                                                    lifespan="off", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, name=f"rave-{self.port}", daemon=True)
+        self.server = ThreadedServer(self.app, "127.0.0.1", free_port(), log_level="critical", graceful_shutdown_s=1)
         self.http = httpx.Client(base_url=self.url, timeout=10)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.url
 
     def start(self) -> RaveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the Rave emulator did not start"
-            time.sleep(0.01)
+        self.server.start()
         return self
 
     def stop(self) -> None:
         self.http.close()
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.server.stop()
         self.app.state.rave.close()
 
     # -- test endpoints -------------------------------------------------------------------------------

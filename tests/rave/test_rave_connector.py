@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import httpx
 import orjson
 import pytest
 from lxml import etree
@@ -25,12 +26,13 @@ from rave_helpers import (
 from esource.connectors.emulators.rave_rws import _strip_mdsol
 from esource.connectors.rave import VALUE_EXISTS, RaveConnector
 from esource.domain.model import Enrollment, TransactionType
+from esource.domain.ports import InMemoryEdcKeyMap
 from esource.intake.parse import parse_fhir
 from esource.mapping.engine import MappingEngine
 from esource.odm.xsd import validate_tree
 from esource.privacy import Pseudonymizer
 from esource.services.conflicts import edc_values, item_path
-from esource.services.dispatch import Dispatcher, TransientDeliveryError
+from esource.services.dispatch import Dispatcher, EdcAuthenticationError, TransientDeliveryError
 from esource.services.process import Processor, content_key, enroll, intake_key_for
 from esource.study.study import load_study
 
@@ -245,23 +247,41 @@ def test_an_insert_over_a_value_rave_holds_from_the_site_is_refused_not_overwrit
 # ------------------------------------------------------------------------------------------ refusals and faults
 
 
-def test_an_authentication_failure_is_permanent_and_never_shows_the_password(rave, key_map):
+def test_an_authentication_failure_stops_the_endpoint_and_never_shows_the_password(rave, key_map):
     wrong = RaveConnector(rave.url, USER, "not-" + PASSWORD, key_map=key_map, timeout=CONNECTOR_TIMEOUT)
     tx = first_tx()
-    receipt = wrong.send(tx, odm_of(tx))
-    assert not receipt.accepted and receipt.permanent and receipt.code == "RWS00008"
-    assert receipt.message == "Incorrect login and password combination. [RWS00008]"
-    assert PASSWORD not in repr(wrong) and PASSWORD not in receipt.message
-    with pytest.raises(TransientDeliveryError) as caught:
+    with pytest.raises(EdcAuthenticationError) as caught:  # refused on the read-back before the POST
+        wrong.send(tx, odm_of(tx))
+    assert (caught.value.status, caught.value.code) == (401, "RWS00008")
+    assert "Incorrect login and password combination. [RWS00008]" in str(caught.value)
+    assert PASSWORD not in repr(wrong) and PASSWORD not in str(caught.value)
+    with pytest.raises(EdcAuthenticationError) as caught:
         wrong.read_back(STUDY, A)
     assert caught.value.code == "RWS00008" and PASSWORD not in str(caught.value)
     wrong.close()
     right = RaveConnector(rave.url, USER, PASSWORD, key_map=key_map, timeout=CONNECTOR_TIMEOUT)
     rave.fault("auth")  # credentials refused on the POST itself
-    receipt = right.send(tx, odm_of(tx))
-    assert receipt.permanent and receipt.code == "RWS00008" and PASSWORD not in (receipt.message or "")
+    with pytest.raises(EdcAuthenticationError) as caught:
+        right.send(tx, odm_of(tx))
+    assert caught.value.code == "RWS00008" and PASSWORD not in str(caught.value)
     assert rave.writes() == 0
     right.close()
+
+
+def test_a_403_with_an_rws_reason_is_a_rejection_but_without_one_the_credentials(connector, rave):
+    tx = first_tx()
+    rave.fault("reject", status=403, message="Field not authorised.")  # about this data: RWS00042
+    receipt = connector.send(tx, odm_of(tx))
+    assert receipt.permanent and receipt.code == "RWS00042"  # a rejection of this transaction only
+    # a gateway in front of RWS refusing the account: a bare 403 is about the credentials
+    gateway = httpx.Client(transport=httpx.MockTransport(
+        lambda req: httpx.Response(403, text="<html><body>403 Forbidden</body></html>",
+                                   headers={"content-type": "text/html"})))
+    behind = RaveConnector("https://rave.example", USER, PASSWORD, key_map=InMemoryEdcKeyMap(), client=gateway)
+    with pytest.raises(EdcAuthenticationError) as caught:
+        behind.send(tx, odm_of(tx))
+    assert caught.value.status == 403 and PASSWORD not in str(caught.value)
+    gateway.close()
 
 
 def test_rws_refusals_are_permanent_with_reason_code_and_message(connector, rave, key_map):

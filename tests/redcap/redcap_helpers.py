@@ -4,9 +4,6 @@ item paths of CV01, and esource ODM transactions written by esource's own ODM wr
 from __future__ import annotations
 
 import datetime as dt
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,10 @@ from esource.connectors.emulators.redcap_api import DEFAULT_TOKEN
 from esource.domain.model import ItemChange, ItemKey, ItemValue, SourceRef, SubjectTransaction, TransactionType
 from esource.odm.writer import write_clinical_data
 from esource.privacy import Pseudonymizer
+from esource.services.server import ThreadedServer, free_port
+
+__all__ = ["RedcapServer", "free_port", "change", "transaction", "unsched", "STUDY", "MDV", "METADATA_FILE", "A", "B",
+           "WEIGHT", "WEIGHT_CD", "HEIGHT", "HEIGHT_CD", "SEX", "BRTHYR"]
 
 STUDY, MDV = "CV01", "MDV.CV01.1"
 METADATA_FILE = Path(__file__).resolve().parents[2] / "cdisc_maps" / "CV01" / "metadata.xml"
@@ -36,49 +37,29 @@ def unsched(date: str, test: str, item: str = "IT.VS.VSORRES") -> tuple:
 # ------------------------------------------------------------------------------------------ server
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RedcapServer:
-    """An emulator app served by uvicorn in a thread; test conveniences over plain HTTP (httpx)."""
+    """An emulator app served on a free loopback port (esource's ThreadedServer); test conveniences over
+    plain HTTP (httpx)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.project = app.state.redcap
-        self.port = free_port()
-        self.server: Any = None
-        self.thread: threading.Thread | None = None
+        self.server = ThreadedServer(app, "127.0.0.1", free_port(), log_level="critical", graceful_shutdown_s=1)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.url
 
     @property
     def api(self) -> str:
         return f"{self.url}/api/"
 
     def start(self) -> RedcapServer:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="critical",
-                                                    lifespan="off", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, name=f"redcap-{self.port}", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the REDCap emulator did not start")
-            time.sleep(0.01)
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        if self.thread is not None:
-            self.thread.join(10)
+        self.server.stop()
 
     def post(self, **params: Any) -> httpx.Response:
         params.setdefault("token", DEFAULT_TOKEN)

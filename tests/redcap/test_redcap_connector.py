@@ -38,7 +38,7 @@ from esource.mapping.engine import MappingEngine
 from esource.odm.xsd import validate_odm
 from esource.privacy import Pseudonymizer
 from esource.services.conflicts import edc_values, item_path, odm_items
-from esource.services.dispatch import TransientDeliveryError
+from esource.services.dispatch import EdcAuthenticationError, TransientDeliveryError
 from esource.services.process import Processor, content_key, enroll, intake_key_for
 from esource.store import Store
 from esource.study.study import load_study
@@ -205,20 +205,23 @@ def test_an_injected_rejection_and_unmapped_items(redcap, connector):
     assert receipt.permanent and receipt.code == "BAD_ODM"
 
 
-def test_403_is_permanent_and_the_token_is_never_shown(redcap, mapping):
+def test_403_is_an_authentication_failure_and_the_token_is_never_shown(redcap, mapping):
     c = RedcapConnector(redcap.api, WRONG_TOKEN, key_map=InMemoryEdcKeyMap(), mapping=mapping, timeout=0.5)
-    receipt = c.send(*first_visit())
-    assert not receipt.accepted and receipt.permanent and receipt.code == "403"
-    assert "You do not have permissions to use the API" in receipt.message
-    assert WRONG_TOKEN not in receipt.message and WRONG_TOKEN not in repr(c)
-    with pytest.raises(TransientDeliveryError) as err:
+    with pytest.raises(EdcAuthenticationError) as err:  # refused on the export before the import
+        c.send(*first_visit())
+    assert (err.value.status, err.value.code) == (403, "403")
+    assert "You do not have permissions to use the API" in str(err.value)
+    assert WRONG_TOKEN not in str(err.value) and WRONG_TOKEN not in repr(c)
+    with pytest.raises(EdcAuthenticationError) as err:
         c.read_back(STUDY, A)
     assert err.value.code == "403" and WRONG_TOKEN not in str(err.value)
     # an injected 403 on the import itself (the export before it is allowed)
     good = RedcapConnector(redcap.api, DEFAULT_TOKEN, key_map=InMemoryEdcKeyMap(), mapping=mapping, timeout=0.5)
     redcap.faults(mode="auth")
-    receipt = good.send(*first_visit())
-    assert receipt.permanent and receipt.code == "403" and DEFAULT_TOKEN not in receipt.message
+    with pytest.raises(EdcAuthenticationError) as err:
+        good.send(*first_visit())
+    assert "import" in str(err.value) and DEFAULT_TOKEN not in str(err.value)
+    assert redcap.imports() == []
     # PyCap prints a malformed token in its assertion: the connector refuses it first, without it
     with pytest.raises(ValueError) as bad:
         RedcapConnector(redcap.api, "secret-token-123", key_map=InMemoryEdcKeyMap(), mapping=mapping)

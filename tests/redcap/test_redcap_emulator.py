@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -281,11 +280,9 @@ def test_faults_hit_record_imports_with_redcaps_answers(redcap):
 
 def test_a_timeout_fault_answers_late(redcap):
     redcap.faults(mode="timeout", delay=0.6, after_commit=True)
-    started = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(redcap.api, data={"token": DEFAULT_TOKEN, "content": "record", "format": "json",
                                      "data": json.dumps([dm(R1, dm_sex="F")])}, timeout=0.3)
-    assert time.monotonic() - started < 0.6
     assert redcap.values(R1) == {("se_screen_arm_1", "", None, "dm_sex"): "F"}  # applied before the late answer
 
 

@@ -23,6 +23,12 @@ MODEL_TABLES = {
     "outbox",
     "dead_letter",
     "edc_key_map",
+    "audit_log",  # 0004: the hash-chained audit trail
+    "audit_head",  # 0004: the chain's head (id and hash of the newest entry), locked by appenders
+    "api_user",  # 0005: users and hashed API tokens of the role-based API
+    "api_token",
+    "outbox_visit",  # 0005: the StudyEventOIDs of each outbox transaction (transfers API visit filter)
+    "review_policy",  # 0006: data managers' run-time review-before-send policy per form
 }
 
 
