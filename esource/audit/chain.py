@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from esource.domain.audit import AuditEvent
+from esource.domain.audit import AuditEvent, item_columns
 
 GENESIS_HASH = "0" * 64
 
@@ -109,12 +109,7 @@ def row_values(event: AuditEvent, at: dt.datetime) -> dict[str, Any]:
         "study_oid": event.study_oid,
         "subject_key": event.subject_key,
         "site_oid": event.site_oid,
-        "study_event_oid": item.study_event_oid if item else None,
-        "study_event_repeat_key": item.study_event_repeat_key if item else None,
-        "form_oid": item.form_oid if item else None,
-        "item_group_oid": item.item_group_oid if item else None,
-        "item_group_repeat_key": item.item_group_repeat_key if item else None,
-        "item_oid": item.item_oid if item else None,
+        **item_columns(item),
         "old_value": event.old_value,
         "new_value": event.new_value,
         "reason": event.reason,

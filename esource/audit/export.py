@@ -36,7 +36,7 @@ from typing import Any
 from lxml import etree
 
 import esource
-from esource.domain.audit import SYSTEM_ACTOR, AuditEntry
+from esource.domain.audit import SYSTEM_ACTOR, AuditEntry, item_columns
 from esource.domain.model import SYSTEM_USER_OID, SourceRef
 from esource.odm.writer import ESOURCE_USER_FULL_NAME, _scrub, _utc_iso
 from esource.odm.xsd import ODM_NAMESPACES
@@ -128,12 +128,7 @@ def export_row(entry: AuditEntry, pseudonymizer: Pseudonymizer) -> dict[str, Any
         "study_oid": e.study_oid,
         "subject_key": e.subject_key,
         "site_oid": e.site_oid,
-        "study_event_oid": item.study_event_oid if item else None,
-        "study_event_repeat_key": item.study_event_repeat_key if item else None,
-        "form_oid": item.form_oid if item else None,
-        "item_group_oid": item.item_group_oid if item else None,
-        "item_group_repeat_key": item.item_group_repeat_key if item else None,
-        "item_oid": item.item_oid if item else None,
+        **item_columns(item),
         "old_value": e.old_value,
         "new_value": e.new_value,
         "reason": _scrub_intake(_scrub_text(e.reason, src, pseudonymizer), e.detail, pseudonymizer),

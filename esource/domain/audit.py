@@ -52,6 +52,15 @@ class AuditAction(StrEnum):
     DATA_READ = "data.read"  # clinical data read through the API (who read what)
 
 
+ITEM_COLUMNS: tuple[str, ...] = ("study_event_oid", "study_event_repeat_key", "form_oid", "item_group_oid",
+                                 "item_group_repeat_key", "item_oid")
+
+
+def item_columns(item: ItemKey | None) -> dict[str, str | None]:
+    """An entry's eCRF cell as its six columns (all None for entries about no single value)."""
+    return {name: getattr(item, name) if item is not None else None for name in ITEM_COLUMNS}
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One audit entry before the store chains it. `at` defaults to the unit of work's clock."""
