@@ -554,6 +554,9 @@ class ReadyOut(BaseModel):
     database: str = Field(description="ok, or why not (no values, only the error type)")
     studies: list[str] = Field(description="the studies loaded (`missing_studies` lists configured ones that are not)")
     kafka: str | None = Field(None, description="ok | not ready; absent when the Kafka intake does not run")
+    edc: list[dict[str, Any]] | None = Field(None, description="each EDC endpoint: connector, studies, state "
+                                             "(closed = delivering, open = breaker pause, auth_failed), until "
+                                             "when; informational, never makes the service unready")
 
 
 class HealthOut(BaseModel):
@@ -904,6 +907,11 @@ def create_app(container: Container) -> FastAPI:
                 log.warning("kafka readiness probe failed", extra={"reason": type(exc).__name__})
             checks["kafka"] = "ok" if kafka_ok else "not ready"
             ok = ok and kafka_ok
+        states = getattr(container.dispatcher, "endpoint_states", None)
+        if callable(states):
+            # informational: intake goes on while an EDC is down (transactions wait in the outbox), so
+            # an EDC's state never makes the service unready; the vendor's message stays in the logs
+            checks["edc"] = [{k: e.get(k) for k in ("connector", "studies", "state", "until")} for e in states()]
         return JSONResponse({"status": "ready" if ok else "not ready", **checks}, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["operations"], response_class=Response, summary="Prometheus metrics",

@@ -29,7 +29,20 @@ def test_health(client):
 def test_ready_when_the_database_answers_and_the_studies_are_loaded(client):
     r = client.get("/ready")
     assert r.status_code == 200
-    assert r.json() == {"status": "ready", "database": "ok", "studies": ["CV01"]}
+    body = r.json()
+    assert {k: body[k] for k in ("status", "database", "studies")} == {"status": "ready", "database": "ok",
+                                                                       "studies": ["CV01"]}
+    assert [(e["studies"], e["state"]) for e in body["edc"]] == [(["CV01"], "closed")]
+
+
+def test_ready_shows_an_edc_refusing_credentials_without_becoming_unready(client, container, monkeypatch):
+    """An EDC down is the dispatcher's business (transactions wait): the service stays ready, says so."""
+    states = [{"connector": "rave", "studies": ["CV01"], "state": "auth_failed", "until": None,
+               "reason": "RWS00008 Invalid credentials", "since": "2025-03-01T09:00:00+00:00"}]
+    monkeypatch.setattr(container.dispatcher, "endpoint_states", lambda: states)
+    r = client.get("/ready")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert r.json()["edc"] == [{"connector": "rave", "studies": ["CV01"], "state": "auth_failed", "until": None}]
 
 
 @pytest.mark.parametrize("kafka,status,shown", [(FakeKafka(True), 200, "ok"), (FakeKafka(False), 503, "not ready"),
