@@ -20,6 +20,10 @@ API_TAGS: list[dict[str, str]] = [
     {"name": "me", "description": "Who the caller is: roles, sites, studies"},
     {"name": "transfers", "description": "ODM transactions esource queued and sent to the EDC (the outbox)"},
     {"name": "ODM pull", "description": "ODM 1.3.2 ClinicalData for EDCs that pull"},
+    {"name": "audit", "description": "The hash-chained audit trail, its verification and export; the lineage "
+                                     "of any eCRF value"},
+    {"name": "reconciliation", "description": "The discrepancy queue, data managers' actions, review-before-send "
+                                              "policies, the SDV report"},
 ]
 
 
