@@ -141,6 +141,36 @@ def sandbox_edc_command(
     run_sandbox(host, port, db)
 
 
+@app.command("prune-intake")
+def prune_intake_command(
+    older_than_days: Annotated[int, typer.Option("--older-than-days", min=1,
+                                                 help="forget intake keys received more than N days ago")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="settings YAML (else $ESOURCE_CONFIG)")] = None,
+) -> None:
+    """Retention of the de-duplication keys (topic/partition/offset, request ids, file hashes): choose N
+    above the Kafka topic's retention and any sender's retry window. Audited."""
+    from esource.domain.audit import AuditAction, AuditEvent
+    from esource.settings import load_settings
+    from esource.store.sqlalchemy_uow import Store
+
+    try:
+        settings = load_settings(config)
+    except EsourceError as exc:
+        _fail(str(exc).replace("\n", " "))
+        return
+    store = Store(settings.database_url)
+    try:
+        before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=older_than_days)
+        with store.uow() as uow:
+            n = uow.prune_intake(before)
+            uow.audit(AuditEvent(AuditAction.CONFIG_CHANGED, reason=f"intake keys older than {older_than_days} "
+                                 f"days forgotten (retention)", detail={"pruned": n, "before": before.isoformat()}))
+            uow.commit()
+    finally:
+        store.dispose()
+    typer.echo(f"{n} intake key(s) received before {before:%Y-%m-%d %H:%M} UTC forgotten")
+
+
 from esource.api.cli_users import users_app  # noqa: E402  (esource users add|token|revoke|list)
 
 app.add_typer(users_app, name="users")

@@ -650,6 +650,19 @@ class SqlAlchemyUnitOfWork:
         session.execute(self._insert(_intake).on_conflict_do_nothing(index_elements=[_intake.c.intake_key]),
                         [{"intake_key": k, "received_at": now} for k in dict.fromkeys(intake_keys)])
 
+    def prune_intake(self, received_before: dt.datetime) -> int:
+        """Forget intake keys received before a moment: the table otherwise grows with every message.
+        Safe once no channel can redeliver them — choose a moment older than the Kafka topic's
+        retention and any client's retry window (a key forgotten and then redelivered is mapped again;
+        its content changes nothing, but a duplicate message audit entry is lost). Returns the count."""
+        from sqlalchemy import delete
+
+        if received_before.tzinfo is None:
+            raise ValueError("received_before must be timezone-aware (UTC)")
+        session = self._writable()
+        done = cast(CursorResult[Any], session.execute(delete(_intake).where(_intake.c.received_at < received_before)))
+        return int(done.rowcount or 0)
+
     # -- subject facts -------------------------------------------------------------------------------
 
     def upsert_fact(self, study_oid: str, subject_key: str, fact: StoredFact) -> bool:

@@ -104,3 +104,43 @@ def test_serve_delivers_to_the_sandbox_edc_process(tmp_path):
         for p in (svc, edc):
             if p.poll() is None:
                 p.kill()
+
+
+def test_prune_intake_command(tmp_path, monkeypatch):
+    """`esource prune-intake --older-than-days N` on the configured store: counts, and audits itself."""
+    import datetime as dt
+
+    from typer.testing import CliRunner
+
+    from esource.cli import app
+    from esource.store.sqlalchemy_uow import Store
+
+    url = f"sqlite:///{tmp_path / 'p.sqlite'}"
+    store = Store(url)
+    with store.uow() as uow:
+        uow.mark_intakes(["file:a", "file:b"])
+        uow.commit()
+    store.dispose()
+    monkeypatch.setenv("ESOURCE_MODE", "demo")
+    monkeypatch.setenv("ESOURCE_DATABASE_URL", url)
+    kept = CliRunner().invoke(app, ["prune-intake", "--older-than-days", "1"])
+    assert kept.exit_code == 0 and kept.output.startswith("0 intake key(s)")
+    store = Store(url)
+    with store.uow() as uow:  # age them: received three days ago
+        from sqlalchemy import update
+
+        from esource.store.schema import IntakeRow
+
+        uow.session.execute(update(IntakeRow.__table__).values(
+            received_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)))
+        uow.commit()
+    store.dispose()
+    done = CliRunner().invoke(app, ["prune-intake", "--older-than-days", "2"])
+    assert done.exit_code == 0 and done.output.startswith("2 intake key(s)")
+    store = Store(url)
+    with store.uow(read_only=True) as uow:
+        assert uow.seen_intakes(["file:a", "file:b"]) == set()
+        entries, _ = uow.audit_entries(actions=["config.changed"])
+    store.dispose()
+    assert entries and entries[-1].event.detail["pruned"] == 2
+    assert CliRunner().invoke(app, ["prune-intake", "--older-than-days", "0"]).exit_code == 2

@@ -100,3 +100,19 @@ def test_remap_reruns_the_map_over_stored_facts(processor, store, study):
     assert outcome.items_sent > 0 and len(outbox(store)) == 2
     with pytest.raises(Exception, match="not enrolled"):
         processor.remap(["999-9999"])
+
+
+def test_intake_keys_older_than_the_retention_are_forgotten(processor, store, clock):
+    """The de-duplication table does not grow forever: keys older than the retention go, newer stay."""
+    data = bundle(patient(), obs("o-sbp", "8480-6", 128, "mm[Hg]", "2024-05-01T09:00:00+02:00"))
+    processor.ingest(parse_fhir(data, "t"), "kafka:t:0:1")
+    clock.advance(days=10)
+    processor.ingest(parse_fhir(data, "t"), "kafka:t:0:2")
+    with store.uow() as uow:
+        assert uow.prune_intake(clock.now() - dt.timedelta(days=5)) == 1
+        uow.commit()
+    with store.uow(read_only=True) as uow:
+        assert uow.seen_intakes(["kafka:t:0:1", "kafka:t:0:2"]) == {"kafka:t:0:2"}
+    # a forgotten key redelivered is mapped again and changes nothing: same facts, no new transaction
+    assert not processor.ingest(parse_fhir(data, "t"), "kafka:t:0:1").duplicate
+    assert len(outbox(store)) == 1
