@@ -76,7 +76,7 @@ def make_connector() -> Iterator[Callable[..., OpenClinicaConnector]]:
     made: list[OpenClinicaConnector] = []
 
     def make(served: Served, **options: Any) -> OpenClinicaConnector:
-        options.setdefault("timeout", 0.4)
+        options.setdefault("timeout", 5.0)  # a loaded CI machine can take seconds; timeout tests set their own
         options.setdefault("poll_initial", 0.005)
         options.setdefault("poll_max", 0.05)
         options.setdefault("poll_timeout", 5.0)
