@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+from functools import lru_cache
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -74,7 +75,17 @@ def format_at(at: dt.datetime) -> str:
     """`at` as the canonical form writes it (UTC, microseconds, `Z`)."""
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"naive datetime {at!r}: audit timestamps are timezone-aware UTC")
+    return _format_at(at)
+
+
+@lru_cache(maxsize=1024)
+def _format_at(at: dt.datetime) -> str:
+    # a batch's events share their timestamp: formatted once (datetimes hash by instant, so two
+    # equal instants in different zones give the same UTC text either way)
     return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_PLAIN = (str, int, bool, type(None))
 
 
 def json_detail(value: Any) -> Any:
@@ -91,6 +102,8 @@ def json_detail(value: Any) -> Any:
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, Mapping):
+        if all(type(k) is str and type(v) in _PLAIN for k, v in value.items()):
+            return dict(value)  # the common case: a flat object of text and integers
         return {str(k): json_detail(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [json_detail(v) for v in value]
@@ -126,14 +139,11 @@ def row_values(event: AuditEvent, at: dt.datetime) -> dict[str, Any]:
 def canonical_bytes(row: Mapping[str, Any]) -> bytes:
     """The canonical serialisation of a stored row (a mapping with every member of
     CANONICAL_MEMBERS; `hash` and any other key are ignored)."""
-    obj: dict[str, Any] = {}
-    for name in CANONICAL_MEMBERS:
-        value = row[name]
-        if name == "at":
-            value = format_at(value) if isinstance(value, dt.datetime) else value
-        elif name == "id":
-            value = int(value)
-        obj[name] = value
+    obj: dict[str, Any] = {name: row[name] for name in CANONICAL_MEMBERS}
+    at = obj["at"]
+    if isinstance(at, dt.datetime):
+        obj["at"] = format_at(at)
+    obj["id"] = int(obj["id"])
     # orjson with sorted keys writes exactly the bytes of the json.dumps call in the docstring (compact,
     # UTF-8, same escapes; checked against it in tests/audit), several times faster
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)

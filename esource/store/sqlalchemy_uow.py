@@ -49,6 +49,7 @@ from esource.domain.model import (
 from esource.domain.ports import Clock, SentItem, StoredFact, SystemClock
 from esource.errors import EnrollmentError
 from esource.services.conflicts import previous_values_of
+from esource.store.bulk import executemany
 from esource.store.engine import READ_ONLY_OPTION, make_engine
 from esource.store.errors import AmbiguousEnrollmentError, StoreConflictError, StoreError
 from esource.reconciliation.model import (
@@ -391,7 +392,7 @@ class SqlAlchemyUnitOfWork:
                             .on_conflict_do_nothing())
             row = session.execute(head).one()
         rows = audit_chain_rows(values, int(row.last_id), str(row.last_hash))
-        session.execute(insert(_audit_log), rows)
+        executemany(session, "audit_log.insert", insert(_audit_log), rows)
         session.execute(update(h).where(h.c.id == 1).values(last_id=rows[-1]["id"], last_hash=rows[-1]["hash"]))
 
     def _write_read_audit(self, values: list[dict[str, Any]]) -> None:
@@ -647,8 +648,9 @@ class SqlAlchemyUnitOfWork:
             return
         session = self._writable()
         now = self._now()
-        session.execute(self._insert(_intake).on_conflict_do_nothing(index_elements=[_intake.c.intake_key]),
-                        [{"intake_key": k, "received_at": now} for k in dict.fromkeys(intake_keys)])
+        executemany(session, "intake.insert",
+                    self._insert(_intake).on_conflict_do_nothing(index_elements=[_intake.c.intake_key]),
+                    [{"intake_key": k, "received_at": now} for k in dict.fromkeys(intake_keys)])
 
     def prune_intake(self, received_before: dt.datetime) -> int:
         """Forget intake keys received before a moment: the table otherwise grows with every message.
@@ -763,7 +765,8 @@ class SqlAlchemyUnitOfWork:
                 new[fact.identity] = fact
         now = self._now()
         if new:
-            session.execute(
+            executemany(
+                session, "subject_fact.insert",
                 self._insert(t).on_conflict_do_nothing(index_elements=[t.c.study_oid, t.c.subject_key, t.c.identity]),
                 [{"study_oid": study_oid, "subject_key": subject_key, "identity": f.identity,
                   "resource_type": f.resource_type, "resource_id": f.resource_id, "version": f.version,
@@ -772,7 +775,8 @@ class SqlAlchemyUnitOfWork:
         if changed:
             from sqlalchemy import bindparam
 
-            session.execute(
+            executemany(
+                session, "subject_fact.update",
                 update(t).where(t.c.id == bindparam("fact_id")).values(
                     resource_type=bindparam("rtype"), resource_id=bindparam("rid"), version=bindparam("ver"),
                     full_url=bindparam("url"), resource=bindparam("res"), updated_at=bindparam("upd")),
@@ -875,7 +879,7 @@ class SqlAlchemyUnitOfWork:
                 "source_version": item.source_version, "source_type": item.source_type, "source_id": item.source_id,
                 "rule": item.rule, "frozen": item.frozen, "updated_at": now,
             })
-        session.execute(stmt, rows)
+        executemany(session, "item_state.upsert", stmt, rows)
 
     def subject_known(self, study_oid: str, subject_key: str) -> bool:
         """Whether anything was ever sent (or queued) for the subject: item state or an outbox row.

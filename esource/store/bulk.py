@@ -1,0 +1,80 @@
+"""Many rows through the driver's own executemany.
+
+`session.execute(stmt, [row, row, ...])` spends most of its time in SQLAlchemy's per-row execution
+context (parameter construction, processors looked up per row): ~25 µs a row, which for a Kafka batch
+of 3,000 messages (60,000 audit entries and item states) was seconds. Here the statement is compiled
+once per (statement, dialect, columns), each row goes through the column types' own bind processors
+(so values are stored exactly as `session.execute` stores them: same datetime text on SQLite, same
+JSON serialiser, psycopg's Json wrapper on PostgreSQL), and the driver receives the whole list at
+once (sqlite3's C loop; psycopg 3 pipelines it). Statements this cannot reproduce (a bind the rows do
+not provide, escaped bind names) go the ordinary way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Callable, Sequence
+
+from sqlalchemy.orm import Session
+
+_Plan = tuple[str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...], bool] | None
+_PLANS: dict[tuple[str, str, tuple[str, ...]], tuple[Any, _Plan]] = {}
+
+# values processed once per call: the same timestamp on every row of a batch costs one strftime
+_MEMO_TYPES = (dt.datetime, dt.date, str, int, bool, type(None))
+
+
+def _plan(stmt: Any, dialect: Any, keys: tuple[str, ...]) -> _Plan:
+    compiled = stmt.compile(dialect=dialect, column_keys=list(keys))
+    if getattr(compiled, "escaped_bind_names", None):
+        return None
+    binds = set(compiled.binds)
+    if not binds <= set(keys):
+        return None  # a constant bound in the statement itself: construct_params would supply it
+    processors = getattr(compiled, "_bind_processors", {})
+    if dialect.positional:
+        order = tuple(compiled.positiontup or ())
+    else:
+        order = tuple(sorted(binds))
+    return str(compiled), order, tuple(processors.get(name) for name in order), bool(dialect.positional)
+
+
+def executemany(session: Session, name: str, stmt: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Execute `stmt` (INSERT/UPDATE with binds named like the rows' keys) once per row, in the open
+    transaction of `session`. `name` identifies the statement for the compiled-plan cache: pass a
+    distinct constant per statement shape. Every row must have the same keys."""
+    if not rows:
+        return
+    conn = session.connection()
+    dialect = conn.dialect
+    keys = tuple(rows[0])
+    cache_key = (name, dialect.name, keys)
+    cached = _PLANS.get(cache_key)
+    if cached is None:  # the first statement seen under `name` is the one compiled
+        cached = _PLANS[cache_key] = (stmt, _plan(stmt, dialect, keys))
+    plan = cached[1]
+    if plan is None:
+        session.execute(stmt, list(rows))
+        return
+    sql, order, processors, positional = plan
+    columns = []
+    for key, proc in zip(order, processors):
+        values = [row[key] for row in rows]
+        if proc is not None:
+            memo: dict[Any, Any] = {}
+            out = []
+            for v in values:
+                if type(v) in _MEMO_TYPES:
+                    p = memo.get((type(v), v), memo)
+                    if p is memo:
+                        p = memo[(type(v), v)] = proc(v)
+                    out.append(p)
+                else:
+                    out.append(proc(v))
+            values = out
+        columns.append(values)
+    if positional:
+        params: list[Any] = list(zip(*columns))
+    else:
+        params = [dict(zip(order, vals)) for vals in zip(*columns)]
+    conn.exec_driver_sql(sql, params)
