@@ -82,6 +82,10 @@ class Enrollment:
         delta = (d - self.day1).days
         return delta + 1 if delta >= 0 else delta
 
+    def date_of_day(self, day: int) -> dt.date:
+        """The calendar date of a study day (the inverse of `study_day`; day 0 is read as Day 1)."""
+        return self.day1 + dt.timedelta(days=day - 1 if day >= 1 else day)
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class ItemKey:

@@ -84,6 +84,10 @@ class StoredFact:
     full_url: str | None
     resource: dict
     first_seen: dt.date
+    # the day its readings are placed on, under the map rules `clinical_basis` names (see
+    # MappingEngine.clinical_date): what lets an incremental run load only facts near its visits
+    clinical_date: dt.date | None = None
+    clinical_basis: str | None = None
 
 
 class UnitOfWork(Protocol):
@@ -113,7 +117,17 @@ class UnitOfWork(Protocol):
         """Keep the newest version of each incoming record (stale versions ignored): all facts, oldest
         first, and the identities new or changed."""
         ...
-    def facts(self, study_oid: str, subject_key: str) -> list[StoredFact]: ...
+    def store_facts(self, study_oid: str, subject_key: str,
+                    incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
+        """Keep the newest version of each incoming record (stale versions ignored): the records now
+        kept that are new or changed, and their identities (nothing else is read)."""
+        ...
+    def facts(self, study_oid: str, subject_key: str, *,
+              dates: "Sequence[tuple[dt.date, dt.date]] | None" = None, basis: str | None = None
+              ) -> list[StoredFact]:
+        """The subject's facts, oldest first. With `dates`: only those with no clinical date, one
+        stored under another basis than `basis`, or one inside a range."""
+        ...
 
     # item state
     def sent_items(self, study_oid: str, subject_key: str) -> dict[ItemKey, SentItem]: ...

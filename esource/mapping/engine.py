@@ -56,6 +56,10 @@ class MappingContext:
 
 VALIDATION_MEMO_SIZE = 100_000  # validation results kept (source identity + version -> issues)
 
+# the clinical date of an Observation that holds no reading of this map: never placed in a visit
+NO_READING = dt.date(1, 1, 1)
+DateRange = tuple[dt.date, dt.date]
+
 
 class MappingEngine:
     def __init__(self, study: Study, converter: UnitConverter | None = None) -> None:
@@ -64,6 +68,86 @@ class MappingEngine:
         self.findings = FindingsMapper(study, self.converter)
         self._validated: dict[tuple[Any, ...], list[Any]] = {}
         self._resource_types = self._needed_types()
+        # Observations only findings forms read can be loaded by date (see clinical_date)
+        self._dated_observations = not any(
+            "Observation" in (f.resources if hasattr(f, "resources") else [f.resource])
+            for f in study.spec.forms.values() if not isinstance(f, FindingsForm))
+        self.clinical_basis = self._clinical_basis()
+
+    def _clinical_basis(self) -> str:
+        """What `clinical_date` depends on in this map (test codes and findings date selectors): a
+        date stored under another basis (the map changed) is not trusted by `fact_ranges`."""
+        import hashlib
+        import json
+
+        tests = sorted(f"{k[0]}|{k[1]}|{v.form_oid}" for k, v in self.study.test_index.items())
+        dates = {name: f.select.get("date") for name, f in sorted(self.study.spec.forms.items())
+                 if isinstance(f, FindingsForm)}
+        raw = json.dumps([tests, dates, self._dated_observations], sort_keys=True).encode()
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ incremental runs: which facts
+
+    def clinical_date(self, resource_type: str, resource: dict[str, Any]) -> dt.date | None:
+        """The day an Observation's readings are placed on (the findings date selector), so that an
+        incremental run can load only the facts near the visits it re-selects. `NO_READING` when the
+        Observation holds no test of this map; None (the fact is read by every run) for any other
+        resource, an Observation without a valid day, or when a non-findings form reads Observations."""
+        if resource_type != "Observation" or not self._dated_observations:
+            return None
+        src = SourceResource("Observation", None, None, resource, SourceRef("Observation", None, "-", "-"), "store", 0)
+        readings = self.findings.extract(src)
+        if not readings:
+            return NO_READING
+        first = readings[0]
+        if first.problem is not None or first.when is None:
+            return None
+        return first.when.date()
+
+    def fact_ranges(self, enrollment: Enrollment, changed_dates: Iterable[dt.date | None],
+                    buckets: Iterable[tuple[str, str | None, str, str | None]]) -> list[DateRange] | None:
+        """The clinical dates an incremental run must see: every visit window holding a changed
+        reading's day (and that day, for an unscheduled repeat), and the windows of the findings
+        buckets to re-select. None: load everything (a bucket whose dates cannot be bounded)."""
+        visits = [v for v in self.study.spec.visits if not v.log and v.window is not None]
+        by_oid = {v.oid: v for v in self.study.spec.visits}
+        findings = {name for name, f in self.study.spec.forms.items() if isinstance(f, FindingsForm)}
+        out: list[DateRange] = []
+
+        def window(v: Visit) -> DateRange:
+            assert v.window is not None
+            return enrollment.date_of_day(v.window[0]), enrollment.date_of_day(v.window[1])
+
+        for d in changed_dates:
+            if d is None or d == NO_READING:
+                continue
+            out.append((d, d))
+            day = enrollment.study_day(d)
+            out.extend(window(v) for v in visits if not v.unscheduled and in_window(v, day))
+        for event, event_repeat, form, _test in buckets:
+            if form not in findings:
+                continue  # history and medication facts carry no clinical date: always loaded
+            v = by_oid.get(event)
+            if v is None:
+                return None
+            if not v.unscheduled:
+                if v.window is None:
+                    return None
+                out.append(window(v))
+                continue
+            try:
+                if event_repeat is not None and len(event_repeat) == 10:
+                    d = dt.date.fromisoformat(event_repeat)
+                    out.append((d, d))
+                elif event_repeat is not None and len(event_repeat) == 7:  # masked to YYYY-MM
+                    first = dt.date.fromisoformat(event_repeat + "-01")
+                    nxt = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+                    out.append((first, nxt - dt.timedelta(days=1)))
+                else:
+                    return None
+            except ValueError:
+                return None
+        return _merge_ranges(out)
 
     def _needed_types(self) -> frozenset[str]:
         types = {"Patient", "Medication"}
@@ -97,6 +181,16 @@ class MappingEngine:
             ref = SourceRef(rtype, rid or None, "deleted", f"{rtype}/{rid}")
             run.result.retracted_sources[ref.identity] = ref
         return run.execute()
+
+
+def _merge_ranges(ranges: list[DateRange]) -> list[DateRange]:
+    out: list[DateRange] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + dt.timedelta(days=1):
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 class _Run:

@@ -128,6 +128,10 @@ class FindingsMapper:
         return [Reading(form_oid, test, tdef, code, src, ref, node, status, when, date_path, problem=problem)
                 for form_oid, test, tdef, code, ref, node, status, when, date_path, problem in templates]
 
+    def extract(self, src: SourceResource) -> list[Reading]:
+        """The readings of one Observation, not memoised (clinical dates at intake)."""
+        return self._extract(src)
+
     def _extract(self, src: SourceResource) -> list[Reading]:
         obs = src.resource
         code = obs.get("code")

@@ -78,7 +78,6 @@ def run_demo(workdir: Path, *, reset: bool = True, serve: bool = False, port: in
 
     import httpx
     from rich.console import Console
-    from rich.table import Table
 
     from esource.adapters.http import create_app
     from esource.bootstrap import build

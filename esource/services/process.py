@@ -236,23 +236,35 @@ class Processor:
         site = enrollment.site_oid
         today = now.date()
         so = SubjectOutcome(subject)
-        incoming = [StoredFact(res.ref.identity, res.resource_type, res.id, res.ref.version, res.full_url,
-                               scrub(res.resource), today) for res in resources]
-        merged, changed = uow.merge_facts(study_oid, subject, incoming)
-        facts = _facts_to_resources(merged)
+        engine, basis = self.engine, self.engine.clinical_basis
+        incoming = []
+        for res in resources:
+            kept = scrub(res.resource)
+            incoming.append(StoredFact(res.ref.identity, res.resource_type, res.id, res.ref.version, res.full_url,
+                                       kept, today, engine.clinical_date(res.resource_type, kept), basis))
+        stored, changed = uow.store_facts(study_oid, subject, incoming)
         ctx = MappingContext(repeat_keys=uow.repeat_keys, first_seen=uow.first_seen, today=today)
         deletions = list(dict.fromkeys(deletions))
         if incremental:
-            # only what changed is re-selected, and diffed against the state of the groups it touches
+            # only what changed is re-selected, and diffed against the state of the groups it touches;
+            # only the facts that can fall in those groups are read (cost independent of the history)
             type_ids = [(t, i.split("/")[0]) for t, _, i in (d.partition("/") for d in deletions)]
             before = uow.sent_items(study_oid, subject, buckets=(), identities=changed, type_ids=type_ids)
             ctx.changed, ctx.changed_buckets = _changes(changed, deletions, before)
+            ranges = None
+            if not any(f.resource_type == "Patient" for f in stored) and not any(
+                    d.startswith("Patient/") for d in deletions):
+                # (a changed Patient may change birth-date masking everywhere: the run sees everything)
+                ranges = engine.fact_ranges(enrollment, (f.clinical_date for f in stored), ctx.changed_buckets)
+            facts = _facts_to_resources(uow.facts(study_oid, subject, dates=ranges, basis=basis))
             result = self.engine.map_subject(enrollment, facts, ctx, deletions=deletions)
             produced = {(iv.key.study_event_oid, iv.key.study_event_repeat_key, iv.key.form_oid,
                          iv.key.item_group_repeat_key) for iv in result.items}
-            sent = uow.sent_items(study_oid, subject, buckets=produced | ctx.changed_buckets,
-                                  identities=ctx.changed, type_ids=type_ids)
+            # `before` has the frozen items and those sent from the changed sources already
+            sent = {**before, **uow.sent_items(study_oid, subject, buckets=produced | ctx.changed_buckets,
+                                               identities=ctx.changed - changed, frozen=False)}
         else:
+            facts = _facts_to_resources(uow.facts(study_oid, subject))
             result = self.engine.map_subject(enrollment, facts, ctx, deletions=deletions)
             sent = uow.sent_items(study_oid, subject)
         changes, new_state, extra = diff_state(result, sent, self.pseudonymizer, study_oid, subject)

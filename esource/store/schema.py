@@ -148,6 +148,8 @@ class SubjectFactRow(Base):
     __table_args__ = (
         PrimaryKeyConstraint("id", name="pk_subject_fact"),
         UniqueConstraint("study_oid", "subject_key", "identity", name="uq_subject_fact_study_subject_identity"),
+        # incremental runs read a subject's facts near the visits they re-select (0007)
+        Index("ix_subject_fact_study_subject_date", "study_oid", "subject_key", "clinical_date", "clinical_basis"),
     )
 
     id: Mapped[int] = mapped_column(Integer, autoincrement=True)
@@ -162,6 +164,8 @@ class SubjectFactRow(Base):
     first_seen: Mapped[dt.date] = mapped_column(Date)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    clinical_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)  # 0007
+    clinical_basis: Mapped[str | None] = mapped_column(String, nullable=True)  # 0007
 
 
 class ItemStateRow(Base):
@@ -181,6 +185,11 @@ class ItemStateRow(Base):
             "item_oid",
             name="uq_item_state_item_key",
         ),
+        # the items sent from a changed source, for incremental runs (0007)
+        Index("ix_item_state_study_subject_source", "study_oid", "subject_key", "source_identity"),
+        Index("ix_item_state_study_subject_frozen", "study_oid", "subject_key", "frozen"),
+        Index("ix_item_state_bucket", "study_oid", "subject_key", "study_event_oid", "study_event_repeat_key",
+              "form_oid", "item_group_repeat_key"),
     )
 
     id: Mapped[int] = mapped_column(Integer, autoincrement=True)

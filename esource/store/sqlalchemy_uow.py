@@ -96,10 +96,118 @@ _identifier: Table = EnrollmentIdentifierRow.__table__  # type: ignore[assignmen
 _intake: Table = IntakeRow.__table__  # type: ignore[assignment]
 _fact: Table = SubjectFactRow.__table__  # type: ignore[assignment]
 _item: Table = ItemStateRow.__table__  # type: ignore[assignment]
+
+
+def _sent_statements() -> dict[str, Any]:
+    """sent_items' queries, built once (building a statement per call was most of their cost)."""
+    from sqlalchemy import bindparam, tuple_
+
+    t = _item
+    base = select(t.c.id, t.c.study_event_oid, t.c.study_event_repeat_key, t.c.form_oid, t.c.item_group_oid,
+                  t.c.item_group_repeat_key, t.c.item_oid, t.c.value, t.c.source_identity, t.c.source_version,
+                  t.c.source_type, t.c.source_id, t.c.rule, t.c.frozen
+                  ).where(t.c.study_oid == bindparam("study"), t.c.subject_key == bindparam("subject"))
+    return {
+        "all": base.order_by(t.c.id),
+        "base": base,
+        "identities": base.where(t.c.source_identity.in_(bindparam("ids", expanding=True))),
+        "type_ids": base.where(tuple_(t.c.source_type, t.c.source_id).in_(bindparam("tids", expanding=True))),
+        "frozen": base.where(t.c.frozen.is_(True)),
+    }
+
+
+def _fact_statements() -> dict[str, Any]:
+    from sqlalchemy import bindparam
+
+    t = _fact
+    subject = (t.c.study_oid == bindparam("study"), t.c.subject_key == bindparam("subject"))
+    return {
+        "all": select(*_FACT_COLUMNS).where(*subject).order_by(t.c.first_seen, t.c.id),
+        "by_identity": select(t.c.id, t.c.identity, t.c.resource_type, t.c.resource_id, t.c.version, t.c.full_url,
+                              t.c.resource, t.c.first_seen).where(
+            *subject, t.c.identity.in_(bindparam("identities", expanding=True))),
+    }
+
+
+_FACT_COLUMNS = (_fact.c.identity, _fact.c.resource_type, _fact.c.resource_id, _fact.c.version, _fact.c.full_url,
+                 _fact.c.resource, _fact.c.first_seen, _fact.c.clinical_date, _fact.c.clinical_basis)
+_SENT_STMTS = _sent_statements()
+_SENT_BUCKETS: dict[int, Any] = {}
+
+
+def _sent_buckets_statement(n: int) -> Any:
+    """The items of `n` buckets: a UNION ALL of one equality lookup per bucket, which both databases
+    answer from the bucket index whatever their statistics (a tuple IN, or an OR without ANALYZE,
+    made SQLite read every item of the subject); one statement per `n`."""
+    stmt = _SENT_BUCKETS.get(n)
+    if stmt is None:
+        from sqlalchemy import bindparam, union_all
+
+        t = _item
+        parts = [_SENT_STMTS["base"].where(
+            t.c.study_event_oid == bindparam(f"e{i}"), t.c.study_event_repeat_key == bindparam(f"r{i}"),
+            t.c.form_oid == bindparam(f"f{i}"), t.c.item_group_repeat_key == bindparam(f"g{i}")) for i in range(n)]
+        stmt = _SENT_BUCKETS[n] = parts[0] if n == 1 else union_all(*parts)
+    return stmt
+_FACT_STMTS = _fact_statements()
+_FACT_WINDOWS: dict[int, Any] = {}
+
+
+def _fact_window_statement(n: int) -> Any:
+    """The facts an incremental run reads: undated ones, ones dated under another map basis, and
+    ones inside one of `n` date ranges (one prepared statement per number of ranges)."""
+    stmt = _FACT_WINDOWS.get(n)
+    if stmt is None:
+        from sqlalchemy import bindparam
+
+        t = _fact
+        conds = [t.c.clinical_date.is_(None), t.c.clinical_basis.is_(None), t.c.clinical_basis != bindparam("basis")]
+        conds.extend(t.c.clinical_date.between(bindparam(f"lo{i}"), bindparam(f"hi{i}")) for i in range(n))
+        stmt = _FACT_WINDOWS[n] = select(*_FACT_COLUMNS).where(
+            t.c.study_oid == bindparam("study"), t.c.subject_key == bindparam("subject"), or_(*conds)
+        ).order_by(t.c.first_seen, t.c.id)
+    return stmt
 _repeat: Table = RepeatKeyRow.__table__  # type: ignore[assignment]
 _first_seen: Table = FirstSeenRow.__table__  # type: ignore[assignment]
 _discrepancy: Table = DiscrepancyRow.__table__  # type: ignore[assignment]
 _outbox: Table = OutboxRow.__table__  # type: ignore[assignment]
+
+
+def _prepared() -> dict[str, Any]:
+    """Statements of the per-subject hot path, built once (building one cost as much as running it)."""
+    from sqlalchemy import bindparam
+
+    study, subject = bindparam("study"), bindparam("subject")
+    in_state = exists().where(_item.c.study_oid == study, _item.c.subject_key == subject)
+    in_outbox = exists().where(_outbox.c.study_oid == study, _outbox.c.subject_key == subject)
+    return {
+        "subject_known": select(or_(in_state, in_outbox)),
+        "max_sequence": select(func.max(_outbox.c.sequence)).where(_outbox.c.study_oid == study,
+                                                                   _outbox.c.subject_key == subject),
+        "enrollment": select(_enrollment).where(_enrollment.c.study_oid == study,
+                                                _enrollment.c.subject_key == subject),
+        "enrollment_identifiers": select(_identifier.c.subject_key, _identifier.c.system, _identifier.c.value).where(
+            _identifier.c.study_oid == study, _identifier.c.subject_key == subject).order_by(_identifier.c.id),
+    }
+
+
+_PREPARED = _prepared()
+_OUTBOX_INSERT: dict[str, Any] = {}
+_IDENTIFIER_LOOKUP: dict[int, Any] = {}
+
+
+def _identifier_statement(n: int) -> Any:
+    """The subjects enrolled under any of `n` (system, value) pairs; one statement per `n`."""
+    stmt = _IDENTIFIER_LOOKUP.get(n)
+    if stmt is None:
+        from sqlalchemy import bindparam
+
+        t = _identifier
+        stmt = _IDENTIFIER_LOOKUP[n] = select(t.c.subject_key).where(
+            t.c.study_oid == bindparam("study"),
+            or_(*(and_(t.c.system == bindparam(f"s{i}"), t.c.value == bindparam(f"v{i}")) for i in range(n)))
+        ).distinct()
+    return stmt
 _dead_letter: Table = DeadLetterRow.__table__  # type: ignore[assignment]
 _edc_key_map: Table = EdcKeyMapRow.__table__  # type: ignore[assignment]
 _review_policy: Table = ReviewPolicyRow.__table__  # type: ignore[assignment]
@@ -506,11 +614,12 @@ class SqlAlchemyUnitOfWork:
         pairs = list(dict.fromkeys((system, value) for system, value in identifiers))
         if not pairs:
             return None
-        t = _identifier
-        matches = or_(*(and_(t.c.system == system, t.c.value == value) for system, value in pairs))
-        subject_keys = sorted(
-            session.execute(select(t.c.subject_key).where(t.c.study_oid == study_oid, matches).distinct()).scalars()
-        )
+        subject_keys: set[str] = set()
+        for i in range(0, len(pairs), 50):
+            chunk = pairs[i:i + 50]
+            params = {"study": study_oid, **{f"{k}{j}": v for j, pair in enumerate(chunk) for k, v in zip("sv", pair)}}
+            subject_keys.update(session.execute(_identifier_statement(len(chunk)), params).scalars())
+        subject_keys = sorted(subject_keys)
         if not subject_keys:
             return None
         if len(subject_keys) > 1:
@@ -595,14 +704,17 @@ class SqlAlchemyUnitOfWork:
 
     def _load_enrollments(self, study_oid: str, subject_key: str | None) -> list[Enrollment]:
         session = self._active()
-        t, t_id = _enrollment, _identifier
-        q = select(t).where(t.c.study_oid == study_oid).order_by(t.c.subject_key)
-        q_id = select(t_id.c.subject_key, t_id.c.system, t_id.c.value).where(t_id.c.study_oid == study_oid)
-        if subject_key is not None:
-            q = q.where(t.c.subject_key == subject_key)
-            q_id = q_id.where(t_id.c.subject_key == subject_key)
+        if subject_key is not None:  # the hot path (every batch): statements prepared once
+            q, q_id = _PREPARED["enrollment"], _PREPARED["enrollment_identifiers"]
+            params = {"study": study_oid, "subject": subject_key}
+        else:
+            t, t_id = _enrollment, _identifier
+            q = select(t).where(t.c.study_oid == study_oid).order_by(t.c.subject_key)
+            q_id = select(t_id.c.subject_key, t_id.c.system, t_id.c.value).where(
+                t_id.c.study_oid == study_oid).order_by(t_id.c.id)
+            params = {}
         identifiers: dict[str, list[tuple[str, str]]] = {}
-        for row in session.execute(q_id.order_by(t_id.c.id)):
+        for row in session.execute(q_id, params):
             identifiers.setdefault(row.subject_key, []).append((row.system, row.value))
         return [
             Enrollment(
@@ -614,7 +726,7 @@ class SqlAlchemyUnitOfWork:
                 day1=row.day1,
                 withdrawal_date=row.withdrawal_date,
             )
-            for row in session.execute(q)
+            for row in session.execute(q, params)
         ]
 
     # -- intake de-duplication -------------------------------------------------------------------------
@@ -680,6 +792,8 @@ class SqlAlchemyUnitOfWork:
             "version": fact.version,
             "full_url": fact.full_url,
             "resource": _json_ready(fact.resource),
+            "clinical_date": fact.clinical_date,
+            "clinical_basis": fact.clinical_basis,
             "updated_at": now,
         }
         existing = session.execute(select(t.c.id, t.c.version).where(*where)).first()
@@ -705,51 +819,43 @@ class SqlAlchemyUnitOfWork:
         session.execute(update(t).where(t.c.id == existing.id).values(**content))
         return True
 
-    def facts(self, study_oid: str, subject_key: str) -> list[StoredFact]:
-        """The subject's stored facts, oldest first (first_seen, then arrival)."""
+    def facts(self, study_oid: str, subject_key: str, *,
+              dates: Sequence[tuple[dt.date, dt.date]] | None = None, basis: str | None = None
+              ) -> list[StoredFact]:
+        """The subject's stored facts, oldest first (first_seen, then arrival). With `dates` (what an
+        incremental run re-selects): only the facts with no clinical date, one stored under another
+        basis than `basis` (the map changed since), or one inside one of the ranges; the index on
+        (study, subject, clinical date, basis) answers that without reading the other facts."""
         session = self._active()
-        t = _fact
-        rows = session.execute(
-            select(t)
-            .where(t.c.study_oid == study_oid, t.c.subject_key == subject_key)
-            .order_by(t.c.first_seen, t.c.id)
-        )
-        return [
-            StoredFact(
-                identity=row.identity,
-                resource_type=row.resource_type,
-                resource_id=row.resource_id,
-                version=row.version,
-                full_url=row.full_url,
-                resource=row.resource,
-                first_seen=row.first_seen,
-            )
-            for row in rows
-        ]
+        if dates is None:
+            rows = session.execute(_FACT_STMTS["all"], {"study": study_oid, "subject": subject_key})
+        else:
+            params: dict[str, Any] = {"study": study_oid, "subject": subject_key, "basis": basis or ""}
+            for i, (lo, hi) in enumerate(dates):
+                params[f"lo{i}"], params[f"hi{i}"] = lo, hi
+            rows = session.execute(_fact_window_statement(len(dates)), params)
+        return [StoredFact(*row) for row in rows]
 
-    def merge_facts(self, study_oid: str, subject_key: str,
+    def store_facts(self, study_oid: str, subject_key: str,
                     incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
-        """Keep the newest version of each incoming record and return all of the subject's facts, oldest
-        first (incoming resources are parsed JSON already: stored as they are): one read and at most two executemany writes for a whole batch of messages (per-record
-        upserts were a third of an ingest). A version older than the one kept is ignored
-        (`is_stale`); a record's first_seen date never changes. Also returns the identities that are
-        new or changed (what an incremental mapping run re-selects)."""
+        """Keep the newest version of each incoming record: one read (of the incoming identities only)
+        and at most two executemany writes for a whole batch of messages. A version older than the
+        one kept is ignored (`is_stale`); a record's first_seen date never changes. Returns the records
+        now kept that are new or changed (what an incremental mapping run re-selects), and their
+        identities."""
         from esource.intake.identity import is_stale
 
         session = self._writable()
         t = _fact
-        rows = session.execute(
-            select(t.c.id, t.c.identity, t.c.resource_type, t.c.resource_id, t.c.version, t.c.full_url,
-                   t.c.resource, t.c.first_seen)
-            .where(t.c.study_oid == study_oid, t.c.subject_key == subject_key)
-            .order_by(t.c.first_seen, t.c.id)
-        ).all()
         kept: dict[str, StoredFact] = {}
         ids: dict[str, int] = {}
-        for row in rows:
-            kept[row.identity] = StoredFact(row.identity, row.resource_type, row.resource_id, row.version,
-                                            row.full_url, row.resource, row.first_seen)
-            ids[row.identity] = row.id
+        wanted = list(dict.fromkeys(f.identity for f in incoming))
+        for i in range(0, len(wanted), 500):
+            for row in session.execute(_FACT_STMTS["by_identity"], {"study": study_oid, "subject": subject_key,
+                                                                   "identities": wanted[i:i + 500]}):
+                kept[row.identity] = StoredFact(row.identity, row.resource_type, row.resource_id, row.version,
+                                                row.full_url, row.resource, row.first_seen)
+                ids[row.identity] = row.id
         new: dict[str, StoredFact] = {}
         changed: dict[str, StoredFact] = {}
         for fact in incoming:
@@ -759,7 +865,8 @@ class SqlAlchemyUnitOfWork:
                 continue
             if fact.identity in kept:
                 fact = StoredFact(fact.identity, fact.resource_type, fact.resource_id, fact.version, fact.full_url,
-                                  fact.resource, kept[fact.identity].first_seen)
+                                  fact.resource, kept[fact.identity].first_seen, fact.clinical_date,
+                                  fact.clinical_basis)
                 changed[fact.identity] = fact
             else:
                 new[fact.identity] = fact
@@ -771,6 +878,7 @@ class SqlAlchemyUnitOfWork:
                 [{"study_oid": study_oid, "subject_key": subject_key, "identity": f.identity,
                   "resource_type": f.resource_type, "resource_id": f.resource_id, "version": f.version,
                   "full_url": f.full_url, "resource": f.resource, "first_seen": f.first_seen,
+                  "clinical_date": f.clinical_date, "clinical_basis": f.clinical_basis,
                   "created_at": now, "updated_at": now} for f in new.values()])
         if changed:
             from sqlalchemy import bindparam
@@ -779,50 +887,63 @@ class SqlAlchemyUnitOfWork:
                 session, "subject_fact.update",
                 update(t).where(t.c.id == bindparam("fact_id")).values(
                     resource_type=bindparam("rtype"), resource_id=bindparam("rid"), version=bindparam("ver"),
-                    full_url=bindparam("url"), resource=bindparam("res"), updated_at=bindparam("upd")),
+                    full_url=bindparam("url"), resource=bindparam("res"), clinical_date=bindparam("cdate"),
+                    clinical_basis=bindparam("cbasis"), updated_at=bindparam("upd")),
                 [{"fact_id": ids[f.identity], "rtype": f.resource_type, "rid": f.resource_id, "ver": f.version,
-                  "url": f.full_url, "res": f.resource, "upd": now} for f in changed.values()])
-        merged = [changed.get(identity, fact) for identity, fact in kept.items()]
-        merged.extend(sorted(new.values(), key=lambda f: f.first_seen))
-        return merged, set(new) | set(changed)
+                  "url": f.full_url, "res": f.resource, "cdate": f.clinical_date, "cbasis": f.clinical_basis,
+                  "upd": now} for f in changed.values()])
+        out = [*changed.values(), *new.values()]
+        return out, {f.identity for f in out}
+
+    def merge_facts(self, study_oid: str, subject_key: str,
+                    incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
+        """`store_facts`, then all of the subject's facts (oldest first) and the identities new or
+        changed: what a full mapping run reads."""
+        _, changed = self.store_facts(study_oid, subject_key, incoming)
+        return self.facts(study_oid, subject_key), changed
 
     # -- item state -------------------------------------------------------------------------------------
 
     def sent_items(self, study_oid: str, subject_key: str, *,
                    buckets: Iterable[tuple[str, str | None, str, str | None]] | None = None,
                    identities: Iterable[str] = (), type_ids: Iterable[tuple[str, str]] = (),
-                   ) -> dict[ItemKey, SentItem]:
+                   frozen: bool = True) -> dict[ItemKey, SentItem]:
         """The subject's item state (only the columns the diff needs: it is read on every mapping run).
 
         With `buckets`, only the items of those (StudyEventOID, StudyEventRepeatKey, FormOID,
         ItemGroupRepeatKey) groups, plus items sent from `identities` or from `type_ids` (resource type,
-        id), plus every frozen item: what an incremental run diffs against (a subject's full state
-        grows with every visit)."""
+        id), plus every frozen item unless `frozen` is False: what an incremental run diffs against (a
+        subject's full state grows with every visit). Each part is its own indexed query, prepared
+        once (one OR over them made the database read every item of the subject)."""
         session = self._active()
-        t = _item
-        q = select(t.c.study_event_oid, t.c.study_event_repeat_key, t.c.form_oid, t.c.item_group_oid,
-                   t.c.item_group_repeat_key, t.c.item_oid, t.c.value, t.c.source_identity, t.c.source_version,
-                   t.c.source_type, t.c.source_id, t.c.rule, t.c.frozen
-                   ).where(t.c.study_oid == study_oid, t.c.subject_key == subject_key)
-        if buckets is not None:
-            from sqlalchemy import tuple_
+        params = {"study": study_oid, "subject": subject_key}
+        if buckets is None:
+            rows = list(session.execute(_SENT_STMTS["all"], params))
+        else:
+            found: dict[int, Any] = {}
 
-            wanted = [(e, _repeat_in(er), f, _repeat_in(gr)) for e, er, f, gr in buckets]
-            ids, tids = list(identities), list(type_ids)
-            conds = [t.c.frozen.is_(True)]
-            for i in range(0, len(wanted), 200):
-                conds.append(tuple_(t.c.study_event_oid, t.c.study_event_repeat_key, t.c.form_oid,
-                                    t.c.item_group_repeat_key).in_(wanted[i:i + 200]))
-            if ids:
-                conds.append(t.c.source_identity.in_(ids))
-            if tids:
-                conds.append(tuple_(t.c.source_type, t.c.source_id).in_(tids))
-            q = q.where(or_(*conds))
+            def run(name: str, stmt: Any = None, **extra: Any) -> None:
+                for row in session.execute(_SENT_STMTS[name] if stmt is None else stmt, {**params, **extra}):
+                    found[row[0]] = row
+
+            wanted = list(dict.fromkeys((e, _repeat_in(er), f, _repeat_in(gr)) for e, er, f, gr in buckets))
+            for i in range(0, len(wanted), 100):
+                chunk = wanted[i:i + 100]
+                binds = {f"{p}{j}": v for j, b in enumerate(chunk) for p, v in zip("erfg", b)}
+                run("base", _sent_buckets_statement(len(chunk)), **binds)
+            ids, tids = list(dict.fromkeys(identities)), list(dict.fromkeys(type_ids))
+            for i in range(0, len(ids), 500):
+                run("identities", ids=ids[i:i + 500])
+            for i in range(0, len(tids), 200):
+                run("type_ids", tids=tids[i:i + 200])
+            if frozen:
+                run("frozen")
+            rows = [found[k] for k in sorted(found)]
         out: dict[ItemKey, SentItem] = {}
-        for event, event_repeat, form, group, group_repeat, item, value, identity, version, stype, sid, rule, frozen \
-                in session.execute(q.order_by(t.c.id)):
+        for _id, event, event_repeat, form, group, group_repeat, item, value, identity, version, stype, sid, rule, \
+                is_frozen in rows:
             key = ItemKey(study_oid, subject_key, event, event_repeat or None, form, group, group_repeat or None, item)
-            out[key] = SentItem(key, value, identity, version, stype, sid, rule, bool(frozen))
+            out[key] = SentItem(key, value, identity, version, stype, sid, rule, bool(is_frozen))
         return out
 
     def freeze_item(self, key: ItemKey) -> bool:
@@ -885,9 +1006,8 @@ class SqlAlchemyUnitOfWork:
         """Whether anything was ever sent (or queued) for the subject: item state or an outbox row.
         False means the next transaction must create the subject (SubjectData Insert)."""
         session = self._active()
-        in_state = exists().where(_item.c.study_oid == study_oid, _item.c.subject_key == subject_key)
-        in_outbox = exists().where(_outbox.c.study_oid == study_oid, _outbox.c.subject_key == subject_key)
-        return bool(session.execute(select(or_(in_state, in_outbox))).scalar_one())
+        return bool(session.execute(_PREPARED["subject_known"], {"study": study_oid, "subject": subject_key}
+                                    ).scalar_one())
 
     # -- discrepancies ---------------------------------------------------------------------------------
 
@@ -1164,10 +1284,7 @@ class SqlAlchemyUnitOfWork:
     def next_sequence(self, study_oid: str, subject_key: str) -> int:
         """The subject's next outbox sequence: 1, then the highest so far + 1."""
         session = self._active()
-        t = _outbox
-        top = session.execute(
-            select(func.max(t.c.sequence)).where(t.c.study_oid == study_oid, t.c.subject_key == subject_key)
-        ).scalar()
+        top = session.execute(_PREPARED["max_sequence"], {"study": study_oid, "subject": subject_key}).scalar()
         return (top or 0) + 1
 
     def add_outbox(self, transaction: SubjectTransaction, odm: bytes) -> int:
@@ -1181,30 +1298,22 @@ class SqlAlchemyUnitOfWork:
                 f"subject {tx.subject_key}: the transaction has no sequence; set it from next_sequence() first"
             )
         t = _outbox
-        try:
-            with session.begin_nested():
-                result = session.execute(
-                    t.insert().values(
-                        study_oid=tx.study_oid,
-                        subject_key=tx.subject_key,
-                        sequence=tx.sequence,
-                        site_oid=tx.site_oid,
-                        odm=bytes(odm),
-                        item_count=len(tx.changes),
-                        status="pending",
-                        attempts=0,
-                        created_at=self._now(),
-                        previous_values=previous_values_of(tx.changes),
-                    )
-                )
-        except IntegrityError as exc:
+        dialect = session.get_bind().dialect.name
+        stmt = _OUTBOX_INSERT.get(dialect)
+        if stmt is None:  # ON CONFLICT DO NOTHING: a taken sequence leaves the transaction usable
+            stmt = _OUTBOX_INSERT[dialect] = self._insert(t).on_conflict_do_nothing(
+                index_elements=[t.c.study_oid, t.c.subject_key, t.c.sequence]).returning(t.c.id)
+        new_id = session.execute(stmt, {
+            "study_oid": tx.study_oid, "subject_key": tx.subject_key, "sequence": tx.sequence,
+            "site_oid": tx.site_oid, "odm": bytes(odm), "item_count": len(tx.changes), "status": "pending",
+            "attempts": 0, "created_at": self._now(), "previous_values": previous_values_of(tx.changes),
+        }).scalar()
+        if new_id is None:
             raise StoreConflictError(
                 f"study {tx.study_oid}, subject {tx.subject_key}: outbox sequence {tx.sequence} is already "
                 "taken (a concurrent unit of work); roll back and re-run"
-            ) from exc
-        primary_key = cast(CursorResult[Any], result).inserted_primary_key
-        assert primary_key is not None
-        return int(primary_key[0])
+            )
+        return int(new_id)
 
     def outbox_entries(
         self,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
 import pytest
 from fastapi.testclient import TestClient
 from http_helpers import (
