@@ -143,6 +143,7 @@ def build(settings: Settings, *, clock: Clock | None = None, connectors: dict[st
         connectors = make_connectors(settings, studies, key_map=SqlEdcKeyMap(store))
     dispatcher = Dispatcher(store.uow, connectors, {oid: s.metadata_version_oid for oid, s in studies.items()},
                             metrics, max_attempts=settings.edc.max_attempts, auth_recheck=settings.edc.auth_recheck_s)
+    ingest.on_outbox = dispatcher.wake
     container = Container(settings, store, studies, processors, ingest, metrics, pseudonymizer, connectors, dispatcher)
     container.extras["review_policies"] = policies
     if settings.enrollment_file is not None:

@@ -39,6 +39,17 @@ The rules:
 - No duplicates: connectors de-duplicate on the transaction key (study/subject/sequence), so sending
   again after an ambiguous failure (a timeout after the EDC committed, a crash between the send and
   the status update) is safe: the EDC answers with its original receipt.
+- Acknowledgements are recorded off the delivery path in the background loop (`run_forever`): a
+  worker hands the acked row to a recorder thread and goes on to the subject's next row; the
+  recorder writes every ack waiting (status, TRANSFER_SENT/ACKNOWLEDGED audit entries stamped at the
+  EDC's answer) in one transaction, and only then lets a later pass look at the subject again. Why:
+  one write transaction per row made the workers queue behind the intake's for the database's write
+  lock (SQLite has one), so delivery, not mapping, set the latency. A crash before the recording
+  re-sends the row after restart, which the EDC answers as a duplicate (rule above). Any other write
+  of a chain (failure, rejection, conflict, refusal) first waits for the acks before it, so the
+  trail stays in order. `drain()` records each ack at once, as before.
+- `wake()` (the intake calls it after committing outbox rows) starts the next pass at once instead
+  of at the next poll.
 - Conflicts (esource/services/conflicts.py): before a row that Updates items goes out, the subject
   is read back from the EDC (connectors with `capabilities().read_back`; on every attempt). An
   Updated item whose EDC value is neither the value esource last sent nor the one proposed was
@@ -212,6 +223,8 @@ class Dispatcher:
         self._names: dict[str, str] = {}
         self._read_back: dict[str, bool] = {}
         self._warned: set[str] = set()
+        self._recorder: _AckRecorder | None = None  # run_forever's: acks recorded in batches
+        self._wake = threading.Event()
         self.totals = DispatchReport()  # what every chain did since start (run_forever included)
 
     # ------------------------------------------------------------------------------------ public
@@ -231,10 +244,12 @@ class Dispatcher:
         running are left for a later poll; the outbox is not re-read while every worker is busy."""
         self._halt = stop
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="esource-dispatch")
+        self._recorder = _AckRecorder(self)
         error_pause = poll_interval
         log.info("dispatcher started", extra={"count": self.workers})
         try:
             while not stop.is_set():
+                self._wake.clear()
                 with self._lock:
                     busy = len(self._in_flight)
                 if busy < self.workers:
@@ -246,11 +261,19 @@ class Dispatcher:
                         error_pause = min(max(error_pause * 2, poll_interval), 10.0)
                         stop.wait(error_pause)
                         continue
-                stop.wait(poll_interval)
+                self._wake.wait(poll_interval)
         finally:
             pool.shutdown(wait=True)
+            recorder, self._recorder = self._recorder, None
+            recorder.close(timeout=10.0)  # what the EDC acknowledged is recorded before stopping
+            with self._lock:
+                self._in_flight.clear()
             self._halt = threading.Event()
             log.info("dispatcher stopped")
+
+    def wake(self) -> None:
+        """New rows are in the outbox: start the next pass now (run_forever), not at the next poll."""
+        self._wake.set()
 
     def set_connector(self, study: str, connector: EdcConnector) -> None:
         """Route a study to another connector (e.g. with new credentials): it starts without any stop."""
@@ -370,11 +393,15 @@ class Dispatcher:
                     report.blocked_subjects.add(subject)
                     break
         finally:
+            recorder = self._recorder
             with self._lock:
-                self._in_flight.discard(subject)
+                if recorder is None:
+                    self._in_flight.discard(subject)
                 stop = self._auth.get(id(connector))
                 if probe and stop is not None:
                     stop.probing = False  # the probe is over (the stop was renewed, or nothing was sent)
+            if recorder is not None:
+                recorder.release_after_acks(subject)  # a pass may take the subject once its acks are recorded
         return report
 
     # ------------------------------------------------------------------------------------ one row
@@ -410,6 +437,7 @@ class Dispatcher:
                                                             "outbox_id": e.id, "sequence": e.sequence,
                                                             "attempt": attempts, "reason": error[:200],
                                                             "connector": name})
+                self._acks_first()
                 with self.uow_factory() as uow:
                     uow.set_outbox_status(e.id, "failed", error=error, attempted=True)
                     uow.commit()
@@ -439,13 +467,12 @@ class Dispatcher:
         now = self.clock.now()
         if receipt.accepted:
             duplicate = _is_duplicate(receipt)
-            with self.uow_factory() as uow:
-                uow.set_outbox_status(e.id, "acked" if receipt.reference else "sent", attempted=True)
-                self._audit(uow, AuditAction.TRANSFER_SENT, e, name, attempts=attempts, duplicate=duplicate)
-                if receipt.reference:
-                    self._audit(uow, AuditAction.TRANSFER_ACKNOWLEDGED, e, name, edc_reference=receipt.reference,
-                                duplicate=duplicate)
-                uow.commit()
+            ack = _Ack(e, name, attempts, duplicate, receipt.reference, now)
+            recorder = self._recorder
+            if recorder is not None:
+                recorder.put(ack)
+            else:
+                self._record_acks([ack])
             self._count(name, "duplicate" if duplicate else "accepted")
             if self.metrics is not None:
                 self.metrics.delivery_latency.labels(name).observe(max(0.0, (now - _aware(e.created_at)).total_seconds()))
@@ -462,6 +489,7 @@ class Dispatcher:
         # permanent rejection: the row, and a discrepancy for a data manager, in one unit of work
         code = receipt.code or "rejected"
         message = receipt.message or "(no message)"
+        self._acks_first()
         with self.uow_factory() as uow:
             uow.set_outbox_status(e.id, "rejected", error=f"{code}: {message}", attempted=True)
             self._record_rejection(uow, e, name, code, message)
@@ -490,6 +518,7 @@ class Dispatcher:
             return odm
         reduced, remaining = conflicts.strip_items(odm, subject, (c.path for c in found))
         withheld = ", ".join(c.path for c in found)
+        self._acks_first()
         with self.uow_factory() as uow:
             states = uow.sent_items(study, subject)
             for c in found:
@@ -520,11 +549,36 @@ class Dispatcher:
         return known
 
     def _audit(self, uow: Any, action: AuditAction, e: Any, name: str, *, reason: str | None = None,
-               **detail: Any) -> None:
+               at: dt.datetime | None = None, **detail: Any) -> None:
         """A transfer audit entry, in the unit of work that records the row's new status."""
         uow.audit(AuditEvent(action, study_oid=e.study_oid, subject_key=e.subject_key, site_oid=e.site_oid,
-                             reason=reason, at=self.clock.now(),
+                             reason=reason, at=at or self.clock.now(),
                              detail={"outbox_id": e.id, "sequence": e.sequence, "connector": name, **detail}))
+
+    def _record_acks(self, acks: list[_Ack]) -> None:
+        """Rows the EDC accepted: status and audit entries (stamped when the EDC answered), one
+        transaction for all of them."""
+        with self.uow_factory() as uow:
+            for a in acks:
+                e, name = a.entry, a.connector
+                uow.set_outbox_status(e.id, "acked" if a.reference else "sent", attempted=True)
+                self._audit(uow, AuditAction.TRANSFER_SENT, e, name, at=a.at, attempts=a.attempts,
+                            duplicate=a.duplicate)
+                if a.reference:
+                    self._audit(uow, AuditAction.TRANSFER_ACKNOWLEDGED, e, name, at=a.at, edc_reference=a.reference,
+                                duplicate=a.duplicate)
+            uow.commit()
+
+    def _acks_first(self) -> None:
+        """Before any other write of a chain: the acks handed to the recorder are recorded (trail order)."""
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.flush()
+
+    def _released(self, subjects: list[tuple[str, str]]) -> None:
+        with self._lock:
+            self._in_flight.difference_update(subjects)
+        self._wake.set()  # their later rows may go now
 
     def _record_rejection(self, uow: Any, e: Any, name: str, code: str, message: str) -> None:
         d = Discrepancy(
@@ -548,6 +602,7 @@ class Dispatcher:
 
     def _gave_up(self, e: Any, name: str, last: _Retryable, attempts: int, report: DispatchReport) -> str:
         study, subject = e.study_oid, e.subject_key
+        self._acks_first()
         with self.uow_factory() as uow:  # the row is already 'failed' (each attempt set it): audit it with it
             uow.set_outbox_status(e.id, "failed")
             self._audit(uow, AuditAction.TRANSFER_FAILED, e, name, reason=_describe(last.cause)[:500],
@@ -633,6 +688,7 @@ class Dispatcher:
         now = self.clock.now()
         until = now + dt.timedelta(seconds=self.auth_recheck) if self.auth_recheck else None
         reason = _describe(refused)[:500]
+        self._acks_first()
         with self.uow_factory() as uow:
             uow.set_outbox_status(e.id, "pending", attempted=True,
                                   error=f"EDC refused esource's credentials ({reason}); delivery to {name} stopped "
@@ -716,6 +772,82 @@ class Dispatcher:
             entries = uow.outbox_entries(statuses=("pending", "failed"), limit=self.batch_size)
             rejected = uow.outbox_entries(statuses=("rejected",))
         self._set_depth(entries, rejected, self.batch_size)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ack:
+    """A row the EDC accepted, waiting to be recorded."""
+
+    entry: Any
+    connector: str
+    attempts: int
+    duplicate: bool
+    reference: str | None
+    at: dt.datetime
+
+
+class _AckRecorder:
+    """run_forever's recorder of acknowledgements (see the module docstring): a thread that writes
+    whatever acks are waiting in one transaction, then releases the subjects whose chains ended
+    before them. A failing store is retried with a growing pause; nothing acked is dropped while
+    the dispatcher runs (at stop, what cannot be recorded is re-sent after restart as a duplicate)."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+        self._cond = threading.Condition()
+        self._queue: list[_Ack | tuple[str, str]] = []  # acks, and subjects to release after the acks before them
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="esource-dispatch-acks", daemon=True)
+        self._thread.start()
+
+    def put(self, ack: _Ack) -> None:
+        with self._cond:
+            self._queue.append(ack)
+            self._cond.notify_all()
+
+    def release_after_acks(self, subject: tuple[str, str]) -> None:
+        with self._cond:
+            self._queue.append(subject)
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything handed over so far is recorded (False: `timeout` passed first)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue, timeout)
+
+    def close(self, timeout: float) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        pause = 0.05
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closing)
+                if not self._queue:
+                    return
+                batch = list(self._queue)  # stays queued (flush waits) until recorded
+                closing = self._closing
+            acks = [a for a in batch if isinstance(a, _Ack)]
+            try:
+                if acks:
+                    self._dispatcher._record_acks(acks)
+                pause = 0.05
+            except Exception:
+                log.exception("recording delivered transactions failed; retrying", extra={"count": len(acks)})
+                if not closing:
+                    self._dispatcher._halt.wait(pause)
+                    pause = min(pause * 2, 5.0)
+                    if not self._dispatcher._halt.is_set():
+                        continue
+                # stopping with the store unavailable: the rows stay pending and are re-sent after
+                # restart, the EDC answering with its original receipt
+            with self._cond:
+                del self._queue[:len(batch)]
+                self._cond.notify_all()
+            self._dispatcher._released([s for s in batch if not isinstance(s, _Ack)])
 
 
 def _describe(exc: BaseException) -> str:

@@ -78,8 +78,10 @@ class Limits:
 
 class IngestService:
     def __init__(self, processors: dict[str, Processor], uow_factory: Callable[[], Any], metrics: Metrics | None = None,
-                 limits: Limits | None = None, pseudonymizer: Pseudonymizer | None = None) -> None:
+                 limits: Limits | None = None, pseudonymizer: Pseudonymizer | None = None,
+                 on_outbox: Callable[[], Any] | None = None) -> None:
         self.processors = processors
+        self.on_outbox = on_outbox  # told after a commit that queued ODM transactions (the dispatcher's wake)
         self.pseudonymizer = pseudonymizer or next(
             (p.pseudonymizer for p in processors.values() if hasattr(p, "pseudonymizer")), None
         ) or Pseudonymizer(DEMO_PSEUDONYM_KEY)
@@ -124,6 +126,9 @@ class IngestService:
             return [r for one in inputs for r in self.ingest_many([one])]
         for result in results:
             self._counted(result)
+        if self.on_outbox is not None and any(s.outbox_id is not None for r in results
+                                              for o in r.outcomes.values() for s in o.subjects):
+            self.on_outbox()
         return results
 
     def _counted(self, result: IntakeResult) -> None:

@@ -10,6 +10,12 @@ queue on busy_timeout and every read inside the transaction is consistent with i
 `BEGIN DEFERRED` for read-only ones (readers run alongside the writer thanks to WAL). This is the
 SQLAlchemy-documented recipe for pysqlite; it also makes SAVEPOINT and transactional DDL work.
 
+Writers of one process queue on an in-process gate (a lock taken before `BEGIN IMMEDIATE`, released
+by the connection's commit or rollback) rather than on SQLite's busy handler: that handler polls with
+sleeps of up to 100 ms and is not fair, so under steady load (intake batches and dispatcher status
+updates from several threads) a writer could wait seconds while the lock was free most of the time.
+Other processes (the CLI, a second service) still meet busy_timeout, as before.
+
 PostgreSQL runs at its default READ COMMITTED isolation; races are settled by unique constraints
 (see `sqlalchemy_uow`). Read-only units of work run `SET TRANSACTION READ ONLY`.
 """
@@ -17,6 +23,7 @@ PostgreSQL runs at its default READ COMMITTED isolation; races are settled by un
 from __future__ import annotations
 
 import sqlite3
+import threading
 from decimal import Decimal
 from typing import Any
 
@@ -44,6 +51,49 @@ def _json_default(value: Any) -> Any:
 
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, default=_json_default).decode()
+
+
+class _GatedConnection(sqlite3.Connection):
+    """A pysqlite connection that gives the engine's writer gate back when its transaction ends."""
+
+    _esource_gate: threading.Lock | None = None
+    _esource_holds = False
+
+    def _esource_release(self) -> None:
+        if self._esource_holds:
+            self._esource_holds = False
+            gate = self._esource_gate
+            if gate is not None:
+                gate.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            if not self.in_transaction:  # a failed COMMIT (SQLITE_BUSY) keeps the transaction and the gate
+                self._esource_release()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._esource_release()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._esource_release()
+
+
+def _take_gate(dbapi_connection: Any, timeout: float) -> None:
+    """Wait for this process's other writers (see the module docstring). After `timeout` the
+    transaction starts anyway and SQLite's busy handler decides, as without the gate."""
+    gate = getattr(dbapi_connection, "_esource_gate", None)
+    if gate is None or dbapi_connection._esource_holds:
+        return
+    if gate.acquire(timeout=timeout):
+        dbapi_connection._esource_holds = True
 
 
 def make_engine(url: str | URL, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS, **engine_kwargs: Any) -> Engine:
@@ -80,6 +130,10 @@ def make_engine(url: str | URL, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_M
             connect_args = dict(engine_kwargs.pop("connect_args", {}))
             connect_args.setdefault("check_same_thread", False)
             engine_kwargs["connect_args"] = connect_args
+        else:  # one writer gate per engine (a file database has one engine per process in esource)
+            connect_args = dict(engine_kwargs.pop("connect_args", {}))
+            connect_args.setdefault("factory", _GatedConnection)
+            engine_kwargs["connect_args"] = connect_args
         engine = create_engine(u, **engine_kwargs)
         _configure_sqlite(engine, busy_timeout_ms=busy_timeout_ms, wal=not memory)
     else:
@@ -92,7 +146,17 @@ def make_engine(url: str | URL, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_M
     def _begin(conn: Connection) -> None:
         read_only = bool(conn.get_execution_options().get(READ_ONLY_OPTION, False))
         if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
+            if read_only:
+                conn.exec_driver_sql("BEGIN DEFERRED")
+                return
+            dbapi = conn.connection.dbapi_connection
+            _take_gate(dbapi, busy_timeout_ms / 1000.0)
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                if isinstance(dbapi, _GatedConnection):
+                    dbapi._esource_release()
+                raise
         elif read_only:
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
@@ -100,10 +164,14 @@ def make_engine(url: str | URL, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_M
 
 
 def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, wal: bool) -> None:
+    gate = threading.Lock()
+
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, connection_record: Any) -> None:
         # Stop pysqlite from issuing BEGIN/COMMIT on its own: the "begin" listener does it.
         dbapi_connection.isolation_level = None
+        if isinstance(dbapi_connection, _GatedConnection):
+            dbapi_connection._esource_gate = gate
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
@@ -113,3 +181,4 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, wal: bool) -> Non
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
             cursor.close()
+

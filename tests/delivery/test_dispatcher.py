@@ -377,6 +377,69 @@ def test_run_forever_delivers_in_the_background_and_stops_promptly(feeder, sandb
     assert row.subject_key == B and row.attempts == 1 and "HTTP 503" in row.last_error
 
 
+def test_run_forever_records_acks_off_the_delivery_path_and_keeps_the_trail_in_order(feeder, sandbox, connector,
+                                                                                      store, metrics):
+    """The background loop hands acks to its recorder; a later write of the same chain (here the
+    rejection of the next row) waits for them, so the trail reads sent-then-rejected, as it happened."""
+    feeder.weight(A, 1)
+    Dispatcher(store.uow, {STUDY: connector}, MDV, workers=1).drain()
+    httpx.put(f"{sandbox.url}/studies/{STUDY}/subjects/{A}/items",  # site staff got there first: row 3 is refused
+              json={"path": "SE.BASELINE/F.VS/IG.VS[HEIGHT]/IT.VS.VSORRES", "value": "171"}).raise_for_status()
+    feeder.weight(A, 2)
+    feeder.height(A)
+    feeder.weight(B, 1)
+    stop = threading.Event()
+    d = Dispatcher(store.uow, {STUDY: connector}, MDV, metrics, workers=2, base_delay=0.01, max_delay=0.05)
+    record = d._record_acks
+
+    def slow_recording(acks):  # the recorder lags well behind the EDC's answers
+        time.sleep(0.3)
+        record(acks)
+
+    d._record_acks = slow_recording
+    thread = threading.Thread(target=d.run_forever, args=(stop,), kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: sorted(e.status for e in feeder.outbox()) == ["acked", "acked", "acked", "rejected"])
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    rows = {(e.subject_key, e.sequence): e for e in feeder.outbox()}
+    assert rows[(A, 2)].status == "acked" and rows[(A, 3)].status == "rejected" and rows[(B, 1)].status == "acked"
+    with store.uow(read_only=True) as uow:
+        trail = [(e.event.action.value, e.event.detail.get("outbox_id"))
+                 for e in uow.audit_entries(study_oid=STUDY, subject_key=A)[0]
+                 if e.event.action.value.startswith("transfer.") and e.event.action.value != "transfer.queued"]
+    assert trail[2:] == [("transfer.sent", rows[(A, 2)].id), ("transfer.acknowledged", rows[(A, 2)].id),
+                         ("transfer.rejected", rows[(A, 3)].id)]
+    assert d.totals.sent == 2 and d.totals.rejected == 1
+    assert sample(metrics, "esource_deliveries_total", connector="sandbox", outcome="accepted") == 2
+
+
+def test_wake_starts_a_pass_at_once_instead_of_at_the_next_poll(feeder, sandbox, connector, store):
+    """With an hour between polls, a row written later goes only because the intake wakes the loop."""
+    feeder.weight(A, 1)
+    stop = threading.Event()
+    d = Dispatcher(store.uow, {STUDY: connector}, MDV, workers=2)
+    thread = threading.Thread(target=d.run_forever, args=(stop,), kwargs={"poll_interval": 3600}, daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: [e.status for e in feeder.outbox()] == ["acked"])  # the first pass runs at start
+        time.sleep(0.3)  # the loop is asleep now (the recorder's own wake-up has been used)
+        feeder.weight(B, 1)
+        time.sleep(0.3)
+        assert [e.status for e in feeder.outbox(("pending",))] == ["pending"]  # nobody woke it
+        d.wake()
+        _wait_until(lambda: {e.status for e in feeder.outbox()} == {"acked"}, timeout=10)
+    finally:
+        stop.set()
+        d.wake()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert_exactly_once(feeder, sandbox)
+
+
 def _wait_until(predicate, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -116,3 +116,14 @@ def test_intake_keys_older_than_the_retention_are_forgotten(processor, store, cl
     # a forgotten key redelivered is mapped again and changes nothing: same facts, no new transaction
     assert not processor.ingest(parse_fhir(data, "t"), "kafka:t:0:1").duplicate
     assert len(outbox(store)) == 1
+
+
+def test_the_dispatcher_is_woken_only_by_a_commit_that_queued_transactions(processor, store):
+    woken: list[int] = []
+    service = IngestService({"CV01": processor}, store.uow, on_outbox=lambda: woken.append(len(outbox(store))))
+    data = bundle(patient(), obs("o-wt", "29463-7", 80.04, "kg", "2024-05-01T09:00:00+02:00"))
+    service.ingest_batch([(data, _env(1))])
+    assert woken == [1], "told once, after the row was committed (the dispatcher can read it)"
+    service.ingest_batch([(data, _env(1))])  # a redelivery queues nothing
+    service.ingest_batch([(b"not json", _env(2))])  # nor does a dead letter
+    assert woken == [1]

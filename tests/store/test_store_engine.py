@@ -139,3 +139,78 @@ def test_readers_are_not_blocked_by_an_open_writer(store):
         thread.join(10)
     with store.uow(read_only=True) as uow:
         assert [e.subject_key for e in uow.enrollments("CV01")] == ["001-0001", "001-0002"]
+
+
+def test_sqlite_writers_of_one_process_queue_on_the_gate_and_every_outcome_gives_it_back(tmp_path):
+    """Threads writing one SQLite file wait for each other on the in-process gate (not SQLite's
+    polling busy handler): a commit, a rollback, a failed statement and a closed connection each
+    give it back, so no writer is left waiting (a leak would leave the last one stuck for the whole
+    busy timeout, here 60 s against the test's 30 s)."""
+    s = Store(f"sqlite:///{tmp_path / 'gate.db'}", busy_timeout_ms=60_000)
+    raw = s.engine.raw_connection()
+    gate = raw.dbapi_connection._esource_gate
+    raw.close()
+    try:
+        with s.uow() as uow:  # a rollback: the unit of work ends without commit
+            uow.add_enrollment(_enrollment("001-0000"))
+            assert gate.locked()
+        assert not gate.locked()
+        with s.uow() as uow:
+            uow.add_enrollment(_enrollment("001-0001"))
+            uow.commit()
+        assert not gate.locked()
+        with pytest.raises(Exception, match="no such table"):  # a failing statement, then rollback
+            with s.uow() as uow:
+                uow.session.execute(text("INSERT INTO no_such_table VALUES (1)"))
+        assert not gate.locked()
+        with s.uow(read_only=True) as uow:
+            uow.enrollments("CV01")
+            assert not gate.locked()
+        errors: list[BaseException] = []
+        start = threading.Barrier(4)
+
+        def writer(n: int) -> None:
+            try:
+                start.wait(10)
+                for i in range(15):
+                    with s.uow() as uow:
+                        uow.add_enrollment(_enrollment(f"{n}{i:02d}-0000"))
+                        uow.commit()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a writer is stuck: the gate leaked"
+        assert not errors, errors
+        s.engine.dispose()  # closing pooled connections gives nothing back twice
+        with s.uow() as uow:
+            assert len(uow.enrollments("CV01")) == 1 + 4 * 15
+            uow.add_enrollment(_enrollment("999-9999"))
+            uow.commit()
+    finally:
+        s.dispose()
+
+
+def test_a_reader_does_not_take_the_sqlite_writer_gate(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'gate.db'}", busy_timeout_ms=60_000)
+    try:
+        with s.uow() as writer:
+            writer.add_enrollment(_enrollment("001-0001"))  # holds the gate until commit
+            done = threading.Event()
+
+            def read() -> None:
+                with s.uow(read_only=True) as uow:
+                    uow.enrollments("CV01")
+                done.set()
+
+            t = threading.Thread(target=read)
+            t.start()
+            assert done.wait(20), "a read-only unit of work waited for the writer"
+            t.join(5)
+            writer.commit()
+    finally:
+        s.dispose()
