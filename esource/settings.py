@@ -64,7 +64,8 @@ class KafkaSettings(_Section):
     heartbeat_interval_ms: int = Field(3_000, ge=100)
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_poll_records: int = Field(500, ge=1)
-    # a batch = polls gathered for up to batch_linger_ms, at most batch_max_records; one unit of work each
+    # a batch = polls gathered until batch_linger_ms after the previous batch was gathered (its processing
+    # time counts), at most batch_max_records; one unit of work each
     batch_max_records: int = Field(2000, ge=1)
     batch_linger_ms: int = Field(200, ge=0, le=10_000)
     poll_timeout_ms: int = Field(500, ge=10)
