@@ -112,11 +112,6 @@ class UnitOfWork(Protocol):
 
     # subject facts (source resources the map reads)
     def upsert_fact(self, study_oid: str, subject_key: str, fact: StoredFact) -> bool: ...
-    def merge_facts(self, study_oid: str, subject_key: str,
-                    incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
-        """Keep the newest version of each incoming record (stale versions ignored): all facts, oldest
-        first, and the identities new or changed."""
-        ...
     def store_facts(self, study_oid: str, subject_key: str,
                     incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
         """Keep the newest version of each incoming record (stale versions ignored): the records now

@@ -26,10 +26,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Sequence, cast
 
-from sqlalchemy import Engine, Table, and_, exists, func, insert, or_, select, update
+from sqlalchemy import (Engine, Table, and_, bindparam, exists, func, insert, or_, select, tuple_, union_all,
+                        update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, CursorResult, make_url
 from sqlalchemy.exc import IntegrityError
@@ -96,123 +98,83 @@ _identifier: Table = EnrollmentIdentifierRow.__table__  # type: ignore[assignmen
 _intake: Table = IntakeRow.__table__  # type: ignore[assignment]
 _fact: Table = SubjectFactRow.__table__  # type: ignore[assignment]
 _item: Table = ItemStateRow.__table__  # type: ignore[assignment]
-
-
-def _sent_statements() -> dict[str, Any]:
-    """sent_items' queries, built once (building a statement per call was most of their cost)."""
-    from sqlalchemy import bindparam, tuple_
-
-    t = _item
-    base = select(t.c.id, t.c.study_event_oid, t.c.study_event_repeat_key, t.c.form_oid, t.c.item_group_oid,
-                  t.c.item_group_repeat_key, t.c.item_oid, t.c.value, t.c.source_identity, t.c.source_version,
-                  t.c.source_type, t.c.source_id, t.c.rule, t.c.frozen
-                  ).where(t.c.study_oid == bindparam("study"), t.c.subject_key == bindparam("subject"))
-    return {
-        "all": base.order_by(t.c.id),
-        "base": base,
-        "identities": base.where(t.c.source_identity.in_(bindparam("ids", expanding=True))),
-        "type_ids": base.where(tuple_(t.c.source_type, t.c.source_id).in_(bindparam("tids", expanding=True))),
-        "frozen": base.where(t.c.frozen.is_(True)),
-    }
-
-
-def _fact_statements() -> dict[str, Any]:
-    from sqlalchemy import bindparam
-
-    t = _fact
-    subject = (t.c.study_oid == bindparam("study"), t.c.subject_key == bindparam("subject"))
-    return {
-        "all": select(*_FACT_COLUMNS).where(*subject).order_by(t.c.first_seen, t.c.id),
-        "by_identity": select(t.c.id, t.c.identity, t.c.resource_type, t.c.resource_id, t.c.version, t.c.full_url,
-                              t.c.resource, t.c.first_seen).where(
-            *subject, t.c.identity.in_(bindparam("identities", expanding=True))),
-    }
-
-
-_FACT_COLUMNS = (_fact.c.identity, _fact.c.resource_type, _fact.c.resource_id, _fact.c.version, _fact.c.full_url,
-                 _fact.c.resource, _fact.c.first_seen, _fact.c.clinical_date, _fact.c.clinical_basis)
-_SENT_STMTS = _sent_statements()
-_SENT_BUCKETS: dict[int, Any] = {}
-
-
-def _sent_buckets_statement(n: int) -> Any:
-    """The items of `n` buckets: a UNION ALL of one equality lookup per bucket, which both databases
-    answer from the bucket index whatever their statistics (a tuple IN, or an OR without ANALYZE,
-    made SQLite read every item of the subject); one statement per `n`."""
-    stmt = _SENT_BUCKETS.get(n)
-    if stmt is None:
-        from sqlalchemy import bindparam, union_all
-
-        t = _item
-        parts = [_SENT_STMTS["base"].where(
-            t.c.study_event_oid == bindparam(f"e{i}"), t.c.study_event_repeat_key == bindparam(f"r{i}"),
-            t.c.form_oid == bindparam(f"f{i}"), t.c.item_group_repeat_key == bindparam(f"g{i}")) for i in range(n)]
-        stmt = _SENT_BUCKETS[n] = parts[0] if n == 1 else union_all(*parts)
-    return stmt
-_FACT_STMTS = _fact_statements()
-_FACT_WINDOWS: dict[int, Any] = {}
-
-
-def _fact_window_statement(n: int) -> Any:
-    """The facts an incremental run reads: undated ones, ones dated under another map basis, and
-    ones inside one of `n` date ranges (one prepared statement per number of ranges)."""
-    stmt = _FACT_WINDOWS.get(n)
-    if stmt is None:
-        from sqlalchemy import bindparam
-
-        t = _fact
-        conds = [t.c.clinical_date.is_(None), t.c.clinical_basis.is_(None), t.c.clinical_basis != bindparam("basis")]
-        conds.extend(t.c.clinical_date.between(bindparam(f"lo{i}"), bindparam(f"hi{i}")) for i in range(n))
-        stmt = _FACT_WINDOWS[n] = select(*_FACT_COLUMNS).where(
-            t.c.study_oid == bindparam("study"), t.c.subject_key == bindparam("subject"), or_(*conds)
-        ).order_by(t.c.first_seen, t.c.id)
-    return stmt
 _repeat: Table = RepeatKeyRow.__table__  # type: ignore[assignment]
 _first_seen: Table = FirstSeenRow.__table__  # type: ignore[assignment]
 _discrepancy: Table = DiscrepancyRow.__table__  # type: ignore[assignment]
 _outbox: Table = OutboxRow.__table__  # type: ignore[assignment]
-
-
-def _prepared() -> dict[str, Any]:
-    """Statements of the per-subject hot path, built once (building one cost as much as running it)."""
-    from sqlalchemy import bindparam
-
-    study, subject = bindparam("study"), bindparam("subject")
-    in_state = exists().where(_item.c.study_oid == study, _item.c.subject_key == subject)
-    in_outbox = exists().where(_outbox.c.study_oid == study, _outbox.c.subject_key == subject)
-    return {
-        "subject_known": select(or_(in_state, in_outbox)),
-        "max_sequence": select(func.max(_outbox.c.sequence)).where(_outbox.c.study_oid == study,
-                                                                   _outbox.c.subject_key == subject),
-        "enrollment": select(_enrollment).where(_enrollment.c.study_oid == study,
-                                                _enrollment.c.subject_key == subject),
-        "enrollment_identifiers": select(_identifier.c.subject_key, _identifier.c.system, _identifier.c.value).where(
-            _identifier.c.study_oid == study, _identifier.c.subject_key == subject).order_by(_identifier.c.id),
-    }
-
-
-_PREPARED = _prepared()
-_OUTBOX_INSERT: dict[str, Any] = {}
-_IDENTIFIER_LOOKUP: dict[int, Any] = {}
-
-
-def _identifier_statement(n: int) -> Any:
-    """The subjects enrolled under any of `n` (system, value) pairs; one statement per `n`."""
-    stmt = _IDENTIFIER_LOOKUP.get(n)
-    if stmt is None:
-        from sqlalchemy import bindparam
-
-        t = _identifier
-        stmt = _IDENTIFIER_LOOKUP[n] = select(t.c.subject_key).where(
-            t.c.study_oid == bindparam("study"),
-            or_(*(and_(t.c.system == bindparam(f"s{i}"), t.c.value == bindparam(f"v{i}")) for i in range(n)))
-        ).distinct()
-    return stmt
 _dead_letter: Table = DeadLetterRow.__table__  # type: ignore[assignment]
 _edc_key_map: Table = EdcKeyMapRow.__table__  # type: ignore[assignment]
 _review_policy: Table = ReviewPolicyRow.__table__  # type: ignore[assignment]
 _audit_log: Table = AuditLogRow.__table__  # type: ignore[assignment]
 _audit_head: Table = AuditHeadRow.__table__  # type: ignore[assignment]
+
+# Statements of the per-subject hot path, built once: building one cost about as much as running it.
+# Those with a variable number of terms are cached per number of terms.
+_STUDY, _SUBJECT = bindparam("study"), bindparam("subject")
+_SENT_BASE = select(
+    _item.c.id, _item.c.study_event_oid, _item.c.study_event_repeat_key, _item.c.form_oid, _item.c.item_group_oid,
+    _item.c.item_group_repeat_key, _item.c.item_oid, _item.c.value, _item.c.source_identity,
+    _item.c.source_version, _item.c.source_type, _item.c.source_id, _item.c.rule, _item.c.frozen,
+).where(_item.c.study_oid == _STUDY, _item.c.subject_key == _SUBJECT)
+_SENT_STMTS: dict[str, Any] = {  # sent_items' parts
+    "all": _SENT_BASE.order_by(_item.c.id),
+    "identities": _SENT_BASE.where(_item.c.source_identity.in_(bindparam("ids", expanding=True))),
+    "type_ids": _SENT_BASE.where(
+        tuple_(_item.c.source_type, _item.c.source_id).in_(bindparam("tids", expanding=True))),
+    "frozen": _SENT_BASE.where(_item.c.frozen.is_(True)),
+}
+_FACT_COLUMNS = (_fact.c.identity, _fact.c.resource_type, _fact.c.resource_id, _fact.c.version, _fact.c.full_url,
+                 _fact.c.resource, _fact.c.first_seen, _fact.c.clinical_date, _fact.c.clinical_basis)
+_FACT_OF_SUBJECT = (_fact.c.study_oid == _STUDY, _fact.c.subject_key == _SUBJECT)
+_FACT_STMTS: dict[str, Any] = {
+    "all": select(*_FACT_COLUMNS).where(*_FACT_OF_SUBJECT).order_by(_fact.c.first_seen, _fact.c.id),
+    "by_identity": select(_fact.c.id, *_FACT_COLUMNS[:7]).where(
+        *_FACT_OF_SUBJECT, _fact.c.identity.in_(bindparam("identities", expanding=True))),
+}
+_PREPARED: dict[str, Any] = {
+    "subject_known": select(or_(
+        exists().where(_item.c.study_oid == _STUDY, _item.c.subject_key == _SUBJECT),
+        exists().where(_outbox.c.study_oid == _STUDY, _outbox.c.subject_key == _SUBJECT))),
+    "max_sequence": select(func.max(_outbox.c.sequence)).where(_outbox.c.study_oid == _STUDY,
+                                                               _outbox.c.subject_key == _SUBJECT),
+    "enrollment": select(_enrollment).where(_enrollment.c.study_oid == _STUDY,
+                                            _enrollment.c.subject_key == _SUBJECT),
+    "enrollment_identifiers": select(_identifier.c.subject_key, _identifier.c.system, _identifier.c.value).where(
+        _identifier.c.study_oid == _STUDY, _identifier.c.subject_key == _SUBJECT).order_by(_identifier.c.id),
+}
+_OUTBOX_INSERT: dict[str, Any] = {}  # per dialect
+
+
+@lru_cache(maxsize=None)
+def _sent_buckets_statement(n: int) -> Any:
+    """The items of `n` buckets: a UNION ALL of one equality lookup per bucket, which both databases
+    answer from the bucket index whatever their statistics (a tuple IN, or an OR without ANALYZE,
+    made SQLite read every item of the subject)."""
+    t = _item
+    parts = [_SENT_BASE.where(
+        t.c.study_event_oid == bindparam(f"e{i}"), t.c.study_event_repeat_key == bindparam(f"r{i}"),
+        t.c.form_oid == bindparam(f"f{i}"), t.c.item_group_repeat_key == bindparam(f"g{i}")) for i in range(n)]
+    return parts[0] if n == 1 else union_all(*parts)
+
+
+@lru_cache(maxsize=None)
+def _fact_window_statement(n: int) -> Any:
+    """The facts an incremental run reads: undated ones, ones dated under another map basis, and
+    ones inside one of `n` date ranges."""
+    t = _fact
+    conds = [t.c.clinical_date.is_(None), t.c.clinical_basis.is_(None), t.c.clinical_basis != bindparam("basis")]
+    conds.extend(t.c.clinical_date.between(bindparam(f"lo{i}"), bindparam(f"hi{i}")) for i in range(n))
+    return select(*_FACT_COLUMNS).where(*_FACT_OF_SUBJECT, or_(*conds)).order_by(t.c.first_seen, t.c.id)
+
+
+@lru_cache(maxsize=None)
+def _identifier_statement(n: int) -> Any:
+    """The subjects enrolled under any of `n` (system, value) pairs."""
+    t = _identifier
+    return select(t.c.subject_key).where(
+        t.c.study_oid == _STUDY,
+        or_(*(and_(t.c.system == bindparam(f"s{i}"), t.c.value == bindparam(f"v{i}")) for i in range(n)))
+    ).distinct()
 
 _ITEM_KEY_COLUMNS = (
     "study_oid",
@@ -881,8 +843,6 @@ class SqlAlchemyUnitOfWork:
                   "clinical_date": f.clinical_date, "clinical_basis": f.clinical_basis,
                   "created_at": now, "updated_at": now} for f in new.values()])
         if changed:
-            from sqlalchemy import bindparam
-
             executemany(
                 session, "subject_fact.update",
                 update(t).where(t.c.id == bindparam("fact_id")).values(
@@ -894,13 +854,6 @@ class SqlAlchemyUnitOfWork:
                   "upd": now} for f in changed.values()])
         out = [*changed.values(), *new.values()]
         return out, {f.identity for f in out}
-
-    def merge_facts(self, study_oid: str, subject_key: str,
-                    incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
-        """`store_facts`, then all of the subject's facts (oldest first) and the identities new or
-        changed: what a full mapping run reads."""
-        _, changed = self.store_facts(study_oid, subject_key, incoming)
-        return self.facts(study_oid, subject_key), changed
 
     # -- item state -------------------------------------------------------------------------------------
 
@@ -922,22 +875,22 @@ class SqlAlchemyUnitOfWork:
         else:
             found: dict[int, Any] = {}
 
-            def run(name: str, stmt: Any = None, **extra: Any) -> None:
-                for row in session.execute(_SENT_STMTS[name] if stmt is None else stmt, {**params, **extra}):
+            def run(stmt: Any, **extra: Any) -> None:
+                for row in session.execute(stmt, {**params, **extra}):
                     found[row[0]] = row
 
             wanted = list(dict.fromkeys((e, _repeat_in(er), f, _repeat_in(gr)) for e, er, f, gr in buckets))
             for i in range(0, len(wanted), 100):
                 chunk = wanted[i:i + 100]
                 binds = {f"{p}{j}": v for j, b in enumerate(chunk) for p, v in zip("erfg", b)}
-                run("base", _sent_buckets_statement(len(chunk)), **binds)
+                run(_sent_buckets_statement(len(chunk)), **binds)
             ids, tids = list(dict.fromkeys(identities)), list(dict.fromkeys(type_ids))
             for i in range(0, len(ids), 500):
-                run("identities", ids=ids[i:i + 500])
+                run(_SENT_STMTS["identities"], ids=ids[i:i + 500])
             for i in range(0, len(tids), 200):
-                run("type_ids", tids=tids[i:i + 200])
+                run(_SENT_STMTS["type_ids"], tids=tids[i:i + 200])
             if frozen:
-                run("frozen")
+                run(_SENT_STMTS["frozen"])
             rows = [found[k] for k in sorted(found)]
         out: dict[ItemKey, SentItem] = {}
         for _id, event, event_repeat, form, group, group_repeat, item, value, identity, version, stype, sid, rule, \
