@@ -104,19 +104,13 @@ def json_detail(value: Any) -> Any:
     if isinstance(value, Mapping):
         if all(type(k) is str and type(v) in _PLAIN for k, v in value.items()):
             return dict(value)  # the common case: a flat object of text and integers
-        return {str(k): v if type(v) in _PLAIN else _plain_list(v) if type(v) is list else json_detail(v)
-                for k, v in value.items()}
+        return {str(k): v if type(v) in _PLAIN else json_detail(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
+        if isinstance(value, (list, tuple)) and all(type(v) in _PLAIN for v in value):
+            return list(value)  # the common case (a mapped value's conversions): text as it is
         items = [json_detail(v) for v in value]
         return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
     raise TypeError(f"cannot store {type(value).__name__} in an audit entry's detail")
-
-
-def _plain_list(value: list[Any]) -> list[Any]:
-    """A list member (a mapped value's conversions, say): copied as is when it holds only text and integers."""
-    if all(type(v) in _PLAIN for v in value):
-        return list(value)
-    return [json_detail(v) for v in value]
 
 
 def row_values(event: AuditEvent, at: dt.datetime) -> dict[str, Any]:

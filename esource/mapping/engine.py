@@ -8,6 +8,8 @@ the state diff downstream decides what actually goes out.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
@@ -77,9 +79,6 @@ class MappingEngine:
     def _clinical_basis(self) -> str:
         """What `clinical_date` depends on in this map (test codes and findings date selectors): a
         date stored under another basis (the map changed) is not trusted by `fact_ranges`."""
-        import hashlib
-        import json
-
         tests = sorted(f"{k[0]}|{k[1]}|{v.form_oid}" for k, v in self.study.test_index.items())
         dates = {name: f.select.get("date") for name, f in sorted(self.study.spec.forms.items())
                  if isinstance(f, FindingsForm)}

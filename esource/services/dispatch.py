@@ -401,7 +401,7 @@ class Dispatcher:
                 if probe and stop is not None:
                     stop.probing = False  # the probe is over (the stop was renewed, or nothing was sent)
             if recorder is not None:
-                recorder.release_after_acks(subject)  # a pass may take the subject once its acks are recorded
+                recorder.put(subject)  # a pass may take the subject once its acks are recorded
         return report
 
     # ------------------------------------------------------------------------------------ one row
@@ -800,14 +800,10 @@ class _AckRecorder:
         self._thread = threading.Thread(target=self._run, name="esource-dispatch-acks", daemon=True)
         self._thread.start()
 
-    def put(self, ack: _Ack) -> None:
+    def put(self, item: _Ack | tuple[str, str]) -> None:
+        """An ack to record, or a subject whose chain ended: released once the acks before it are recorded."""
         with self._cond:
-            self._queue.append(ack)
-            self._cond.notify_all()
-
-    def release_after_acks(self, subject: tuple[str, str]) -> None:
-        with self._cond:
-            self._queue.append(subject)
+            self._queue.append(item)
             self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
