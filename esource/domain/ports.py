@@ -112,10 +112,11 @@ class UnitOfWork(Protocol):
 
     # subject facts (source resources the map reads)
     def upsert_fact(self, study_oid: str, subject_key: str, fact: StoredFact) -> bool: ...
-    def store_facts(self, study_oid: str, subject_key: str,
-                    incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
+    def store_facts(self, study_oid: str, subject_key: str, incoming: Sequence[StoredFact]
+                    ) -> tuple[list[StoredFact], set[str], list[StoredFact]]:
         """Keep the newest version of each incoming record (stale versions ignored): the records now
-        kept that are new or changed, and their identities (nothing else is read)."""
+        kept that are new or changed, their identities, and the versions the changed ones replaced
+        (nothing else is read)."""
         ...
     def facts(self, study_oid: str, subject_key: str, *,
               dates: "Sequence[tuple[dt.date, dt.date]] | None" = None, basis: str | None = None

@@ -54,6 +54,9 @@ class MappingContext:
     # same values last time. None = everything (a full re-map: map, Day 1 or withdrawal changes).
     changed: frozenset[str] | None = None
     changed_buckets: frozenset[tuple[str, str | None, str, str | None]] = frozenset()
+    # the clinical dates the changed records had before: the buckets of those days are re-selected too
+    # (a reading that left one, held or not, changes what is left there to select)
+    previous_dates: frozenset[dt.date] = frozenset()
 
 
 VALIDATION_MEMO_SIZE = 100_000  # validation results kept (source identity + version -> issues)
@@ -432,15 +435,16 @@ class _Run:
                     continue
                 self.not_sent(f"study day {r.day} is outside every visit window for {r.form_oid}", r.ref,
                               form=r.form_oid, test=r.test, detail=r.when.iso_date())
-        touched = self._touched_buckets(candidates)
+        touched = self._touched_buckets(candidates, visits_by_oid)
         for (event, form_oid, test, event_repeat), cands in candidates.items():
             if touched is None or (event, event_repeat, form_oid, test) in touched:
                 self.select(visits_by_oid[event], event_repeat, self.study.forms[form_oid], test, cands)
 
-    def _touched_buckets(self, candidates: dict[tuple[str, str, str, str | None], list[Reading]]
-                         ) -> set[tuple[str, str | None, str, str]] | None:
+    def _touched_buckets(self, candidates: dict[tuple[str, str, str, str | None], list[Reading]],
+                         visits_by_oid: dict[str, Visit]) -> set[tuple[str, str | None, str, str]] | None:
         """The findings buckets to re-select (None: all). A bucket's selection depends only on its own
-        readings, so a bucket none of whose readings changed selects what it selected before."""
+        readings, so a bucket none of whose readings changed, and none of whose readings left it (its
+        window holds none of `previous_dates`), selects what it selected before."""
         changed = self.ctx.changed
         if changed is None or any(r.ref.identity in changed for r in self.resources if r.resource_type == "Patient"):
             return None  # the birth date (masking) or identifying strings may have changed: everything
@@ -452,12 +456,19 @@ class _Run:
             touched.add((event, event_repeat, form_oid, test))
             if event_repeat is not None and len(event_repeat) == 7:  # masked to YYYY-MM (birth date)
                 months.add((event, event_repeat, form_oid, test))
+        previous = self.ctx.previous_dates
+        days = {self.enr.study_day(d) for d in previous}
+        texts = {d.isoformat() for d in previous} | {d.isoformat()[:7] for d in previous}
         for (event, form_oid, test, event_repeat), cands in candidates.items():
             key = (event, event_repeat, form_oid, test)
             if key in touched:
                 continue
             if any(r.ref.identity in changed for r in cands) or (
                     event_repeat is not None and (event, event_repeat[:7], form_oid, test) in months):
+                touched.add(key)
+            elif event_repeat is not None and event_repeat in texts:  # an unscheduled visit of that day
+                touched.add(key)
+            elif event_repeat is None and any(in_window(visits_by_oid[event], day) for day in days):
                 touched.add(key)
         return touched
 

@@ -34,7 +34,7 @@ from esource.domain.ports import Clock, SentItem, StoredFact, SystemClock, UnitO
 from esource.errors import EnrollmentError
 from esource.intake.parse import ParsedInput
 from esource.intake.references import ReferenceResolver
-from esource.mapping.engine import MappingContext, MappingEngine
+from esource.mapping.engine import NO_READING, MappingContext, MappingEngine
 from esource.odm.writer import write_clinical_data
 from esource.privacy import Pseudonymizer
 from esource.study.study import Study
@@ -242,7 +242,7 @@ class Processor:
             kept = scrub(res.resource)
             incoming.append(StoredFact(res.ref.identity, res.resource_type, res.id, res.ref.version, res.full_url,
                                        kept, today, engine.clinical_date(res.resource_type, kept), basis))
-        stored, changed = uow.store_facts(study_oid, subject, incoming)
+        stored, changed, replaced = uow.store_facts(study_oid, subject, incoming)
         ctx = MappingContext(repeat_keys=uow.repeat_keys, first_seen=uow.first_seen, today=today)
         deletions = list(dict.fromkeys(deletions))
         if incremental:
@@ -251,11 +251,17 @@ class Processor:
             type_ids = [(t, i.split("/")[0]) for t, _, i in (d.partition("/") for d in deletions)]
             before = uow.sent_items(study_oid, subject, buckets=(), identities=changed, type_ids=type_ids)
             ctx.changed, ctx.changed_buckets = _changes(changed, deletions, before)
+            # where the replaced versions' readings were placed (stored under this map's rules, or worked out)
+            ctx.previous_dates = frozenset(
+                d for d in (f.clinical_date if f.clinical_basis == basis else engine.clinical_date(f.resource_type,
+                                                                                                   f.resource)
+                            for f in replaced) if d is not None and d != NO_READING)
             ranges = None
             if not any(f.resource_type == "Patient" for f in stored) and not any(
                     d.startswith("Patient/") for d in deletions):
                 # (a changed Patient may change birth-date masking everywhere: the run sees everything)
-                ranges = engine.fact_ranges(enrollment, (f.clinical_date for f in stored), ctx.changed_buckets)
+                ranges = engine.fact_ranges(enrollment, [*(f.clinical_date for f in stored), *ctx.previous_dates],
+                                            ctx.changed_buckets)
             facts = _facts_to_resources(uow.facts(study_oid, subject, dates=ranges, basis=basis))
             result = self.engine.map_subject(enrollment, facts, ctx, deletions=deletions)
             produced = {(iv.key.study_event_oid, iv.key.study_event_repeat_key, iv.key.form_oid,

@@ -128,7 +128,7 @@ _FACT_COLUMNS = (_fact.c.identity, _fact.c.resource_type, _fact.c.resource_id, _
 _FACT_OF_SUBJECT = (_fact.c.study_oid == _STUDY, _fact.c.subject_key == _SUBJECT)
 _FACT_STMTS: dict[str, Any] = {
     "all": select(*_FACT_COLUMNS).where(*_FACT_OF_SUBJECT).order_by(_fact.c.first_seen, _fact.c.id),
-    "by_identity": select(_fact.c.id, *_FACT_COLUMNS[:7]).where(
+    "by_identity": select(_fact.c.id, *_FACT_COLUMNS).where(
         *_FACT_OF_SUBJECT, _fact.c.identity.in_(bindparam("identities", expanding=True))),
 }
 _PREPARED: dict[str, Any] = {
@@ -798,13 +798,13 @@ class SqlAlchemyUnitOfWork:
             rows = session.execute(_fact_window_statement(len(dates)), params)
         return [StoredFact(*row) for row in rows]
 
-    def store_facts(self, study_oid: str, subject_key: str,
-                    incoming: Sequence[StoredFact]) -> tuple[list[StoredFact], set[str]]:
+    def store_facts(self, study_oid: str, subject_key: str, incoming: Sequence[StoredFact]
+                    ) -> tuple[list[StoredFact], set[str], list[StoredFact]]:
         """Keep the newest version of each incoming record: one read (of the incoming identities only)
         and at most two executemany writes for a whole batch of messages. A version older than the
         one kept is ignored (`is_stale`); a record's first_seen date never changes. Returns the records
-        now kept that are new or changed (what an incremental mapping run re-selects), and their
-        identities."""
+        now kept that are new or changed (what an incremental mapping run re-selects), their
+        identities, and the versions the changed ones replaced (where their readings were placed)."""
         from esource.intake.identity import is_stale
 
         session = self._writable()
@@ -815,8 +815,7 @@ class SqlAlchemyUnitOfWork:
         for i in range(0, len(wanted), 500):
             for row in session.execute(_FACT_STMTS["by_identity"], {"study": study_oid, "subject": subject_key,
                                                                    "identities": wanted[i:i + 500]}):
-                kept[row.identity] = StoredFact(row.identity, row.resource_type, row.resource_id, row.version,
-                                                row.full_url, row.resource, row.first_seen)
+                kept[row.identity] = StoredFact(*row[1:])
                 ids[row.identity] = row.id
         new: dict[str, StoredFact] = {}
         changed: dict[str, StoredFact] = {}
@@ -853,7 +852,7 @@ class SqlAlchemyUnitOfWork:
                   "url": f.full_url, "res": f.resource, "cdate": f.clinical_date, "cbasis": f.clinical_basis,
                   "upd": now} for f in changed.values()])
         out = [*changed.values(), *new.values()]
-        return out, {f.identity for f in out}
+        return out, {f.identity for f in out}, [kept[identity] for identity in changed]
 
     # -- item state -------------------------------------------------------------------------------------
 

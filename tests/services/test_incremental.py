@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from esource.mapping.engine import NO_READING, MappingEngine
@@ -73,6 +73,11 @@ def _check_incremental_equals_full(store: Store, messages: list[bytes]) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=st.lists(message, min_size=1, max_size=6))
+# found by CI: o0, held out of range at Screening beside o1, is amended to Day 1. Screening holds only
+# o1 now (a new discrepancy sourced from it), though no value was ever sent from o0 there
+@example(spec=[[(0, 0, -20, 7, False, "final")],
+               [(0, 0, -20, 7, False, "final"), (1, 0, -20, 7, False, "final")],
+               [(0, 0, 1, 7, False, "final")]])
 def test_an_incremental_run_leaves_the_state_a_full_remap_computes(spec):
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(f"sqlite:///{Path(tmp) / 'esource.db'}", clock=_Clock())
