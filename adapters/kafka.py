@@ -244,7 +244,8 @@ class KafkaIntake:
         self._close(commit=False)
 
     def ready(self) -> bool:
-        """Partitions are assigned and the consumer polled recently."""
+        """Partitions are assigned and the consumer polled, or finished a batch, recently (a batch that
+        takes longer than the bound is work, not a stuck consumer: it counts once it is done)."""
         if self._closed or self._consumer is None or self._last_poll is None:
             return False
         if self._thread is not None and not self._thread.is_alive():
@@ -350,6 +351,7 @@ class KafkaIntake:
         except KafkaError as exc:  # e.g. a rebalance under way: retried next cycle, or replayed by the next owner
             log.warning("offset commit failed; will retry", extra={"reason": _kind(exc)})
         self._update_lag(consumer)
+        self._last_poll = time.monotonic()  # alive: the batch is done (the next poll may take poll_timeout_ms)
         self.totals.update(result.outcomes)
         if result.polled:
             log.info("kafka batch", extra={"count": result.polled, "kind": dict(result.outcomes)})

@@ -535,3 +535,23 @@ def test_background_thread_ready_and_rebalance_between_two_consumers(store_url, 
         assert len([k for k in keys if f"kafka:{topic}:" in k]) == total
     finally:
         container.close()
+
+
+def test_a_batch_longer_than_the_readiness_bound_leaves_the_intake_ready_once_done(container, kafka_env, intakes,
+                                                                                  producer_factory):
+    """Readiness asks for a recent poll; a batch that took longer (a backlog on a slow machine) is
+    work done, not a stuck consumer: right after it, before the next poll, the intake is ready."""
+    topic = kafka_env["topic"]
+    produce(producer_factory(), topic, [(mrn(1).encode(), weight_event(1, "wt-1-slow", 80.0, DAY1))])
+    intake = intakes()
+    s = intake.settings
+    bound = max(s.session_timeout_ms, 10 * s.poll_timeout_ms) / 1000.0
+    real = container.ingest.ingest_batch
+
+    def slow(items: list[tuple[bytes, Any]]) -> Any:
+        time.sleep(bound + 0.3)
+        return real(items)
+
+    container.ingest.ingest_batch = slow  # type: ignore[method-assign]
+    wait_until(intake.run_once, lambda: intake.totals["processed"] >= 1, timeout=30, what="the slow batch")
+    assert intake.ready()
