@@ -34,6 +34,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Text,
+    text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -187,7 +188,10 @@ class ItemStateRow(Base):
         ),
         # the items sent from a changed source, for incremental runs (0007)
         Index("ix_item_state_study_subject_source", "study_oid", "subject_key", "source_identity"),
-        Index("ix_item_state_study_subject_frozen", "study_oid", "subject_key", "frozen"),
+        # partial (0008): only the few frozen rows, so that a planner without statistics (a fresh
+        # PostgreSQL table before its first ANALYZE) cannot take it for a lookup of the subject's items
+        Index("ix_item_state_frozen", "study_oid", "subject_key", sqlite_where=text("frozen IS 1"),
+              postgresql_where=text("frozen IS TRUE")),
         Index("ix_item_state_bucket", "study_oid", "subject_key", "study_event_oid", "study_event_repeat_key",
               "form_oid", "item_group_repeat_key"),
     )

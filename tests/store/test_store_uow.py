@@ -343,6 +343,28 @@ def test_putting_an_item_again_replaces_its_state(store):
         assert list(items.values()) == [sent(key, "131", version="2", frozen=True)]
 
 
+def test_many_items_in_one_call_keep_every_value_exactly(store):
+    """One call with many rows (PostgreSQL: one INSERT over arrays) keeps awkward text as it is, NULL
+    repeat keys as absent, and the last state of a key given twice; bucket lookups find them all."""
+    awkward = ['a,b', '{x}', 'say "hi"', "back\\slash", "NULL", "", "\u00e9t\u00e9 \u2265 5", "(1)", "x" * 300]
+    keys = [item_key(study_event_repeat_key=None if i % 2 else f"R{i}", item_group_repeat_key=None if i % 3 else str(i),
+                     item_oid=f"I.{i}") for i in range(len(awkward))]
+    given = [sent(k, v or "0", frozen=i == 4) for i, (k, v) in enumerate(zip(keys, awkward))]
+    again = sent(keys[0], "last wins", version="2")
+    with store.uow() as uow:
+        uow.put_sent_items([*given, again])
+        uow.commit()
+    expected = {s.key: s for s in [*given, again]}
+    with store.uow() as uow:
+        assert uow.sent_items(STUDY, "001-0001") == expected
+        buckets = [(k.study_event_oid, k.study_event_repeat_key, k.form_oid, k.item_group_repeat_key) for k in keys]
+        assert uow.sent_items(STUDY, "001-0001", buckets=buckets, frozen=False) == expected
+        assert uow.sent_items(STUDY, "001-0001", buckets=buckets[:1], frozen=False) == {
+            k: v for k, v in expected.items() if (k.study_event_repeat_key, k.item_group_repeat_key) ==
+            (keys[0].study_event_repeat_key, keys[0].item_group_repeat_key)}
+        assert uow.sent_items(STUDY, "001-0001", buckets=()) == {keys[4]: expected[keys[4]]}  # the frozen one
+
+
 # -- repeat keys and first-seen dates --------------------------------------------------------------
 
 
