@@ -73,7 +73,7 @@ CANONICAL_MEMBERS: tuple[str, ...] = ("id", *ENTRY_COLUMNS, "prev_hash")
 
 def format_at(at: dt.datetime) -> str:
     """`at` as the canonical form writes it (UTC, microseconds, `Z`)."""
-    if at.tzinfo is None or at.utcoffset() is None:
+    if at.tzinfo is not dt.UTC and (at.tzinfo is None or at.utcoffset() is None):
         raise ValueError(f"naive datetime {at!r}: audit timestamps are timezone-aware UTC")
     return _format_at(at)
 
@@ -102,9 +102,17 @@ def json_detail(value: Any) -> Any:
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, Mapping):
-        if all(type(k) is str and type(v) in _PLAIN for k, v in value.items()):
-            return dict(value)  # the common case: a flat object of text and integers
-        return {str(k): v if type(v) in _PLAIN else json_detail(v) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            # the common members (text, integers, a list of texts) inline: one entry per mapped value
+            tv = type(v)
+            if tv in _PLAIN:
+                out[k if type(k) is str else str(k)] = v
+            elif (tv is list or tv is tuple) and all(type(x) in _PLAIN for x in v):
+                out[k if type(k) is str else str(k)] = list(v)
+            else:
+                out[k if type(k) is str else str(k)] = json_detail(v)
+        return out
     if isinstance(value, (list, tuple, set, frozenset)):
         if isinstance(value, (list, tuple)) and all(type(v) in _PLAIN for v in value):
             return list(value)  # the common case (a mapped value's conversions): text as it is
@@ -118,13 +126,16 @@ def row_values(event: AuditEvent, at: dt.datetime) -> dict[str, Any]:
     item, source = event.item, event.source
     patient = source is not None and source.resource_type == "Patient"
     return {
-        "at": at.astimezone(dt.UTC),
+        "at": at if at.tzinfo is dt.UTC else at.astimezone(dt.UTC),
         "actor": event.actor,
         "action": str(event.action.value if hasattr(event.action, "value") else event.action),
         "study_oid": event.study_oid,
         "subject_key": event.subject_key,
         "site_oid": event.site_oid,
-        **item_columns(item),
+        **(_NO_ITEM if item is None else {
+            "study_event_oid": item.study_event_oid, "study_event_repeat_key": item.study_event_repeat_key,
+            "form_oid": item.form_oid, "item_group_oid": item.item_group_oid,
+            "item_group_repeat_key": item.item_group_repeat_key, "item_oid": item.item_oid}),
         "old_value": event.old_value,
         "new_value": event.new_value,
         "reason": event.reason,
@@ -134,8 +145,11 @@ def row_values(event: AuditEvent, at: dt.datetime) -> dict[str, Any]:
         "source_version": source.version if source else None,
         "source_identity": None if source is None or patient else source.identity,
         "rule": event.rule,
-        "detail": json_detail(dict(event.detail or {})),
+        "detail": json_detail(d if isinstance(d := event.detail, Mapping) else dict(d)) if event.detail else {},
     }
+
+
+_NO_ITEM: dict[str, None] = item_columns(None)
 
 
 def canonical_bytes(row: Mapping[str, Any]) -> bytes:
@@ -160,8 +174,17 @@ def chain_rows(values: list[dict[str, Any]], last_id: int, last_hash: str) -> li
     """Number and hash new entries after the chain's head (last_id, last_hash): the complete rows to insert."""
     rows: list[dict[str, Any]] = []
     prev = last_hash
+    sha256, dumps, sort = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
     for offset, v in enumerate(values, start=1):
         row = {"id": last_id + offset, **v, "prev_hash": prev}
-        row["hash"] = prev = entry_hash(row)
+        if row.keys() == _CANONICAL_KEYS and type(row["at"]) is dt.datetime:
+            # canonical_bytes without its copy: the row has exactly the canonical members
+            prev = sha256(dumps({**row, "at": format_at(row["at"])}, option=sort)).hexdigest()
+        else:
+            prev = entry_hash(row)
+        row["hash"] = prev
         rows.append(row)
     return rows
+
+
+_CANONICAL_KEYS = frozenset(CANONICAL_MEMBERS)

@@ -23,6 +23,7 @@ import calendar
 import datetime as _dt
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 __all__ = [
     "FhirDateTime",
@@ -67,7 +68,7 @@ class FhirDateTime:
             raise ValueError("a time needs a full date")
         if self.month is not None and not 1 <= self.month <= 12:
             raise ValueError(f"month {self.month} does not exist")
-        if self.day is not None:
+        if self.day is not None and not 1 <= self.day <= 28:
             last = calendar.monthrange(self.year, self.month)[1]
             if not 1 <= self.day <= last:
                 raise ValueError(
@@ -163,6 +164,13 @@ def parse_fhir_datetime(s: str) -> FhirDateTime:
     """
     if not isinstance(s, str):
         raise ValueError(f"a FHIR date must be text, got {type(s).__name__}")
+    return _parse_fhir_datetime(s)
+
+
+@lru_cache(maxsize=16384)
+def _parse_fhir_datetime(s: str) -> FhirDateTime:
+    # memoised: the readings of one message share their time, and every mapping run re-reads them
+    # (FhirDateTime is immutable; an invalid text raises each time, exceptions are not cached)
     m = _FHIR_DATETIME.fullmatch(s)
     if m is None:
         raise ValueError(

@@ -387,6 +387,8 @@ class _SubjectWriter:
         self.user_oid, self.pseudo, self.order = user_oid, pseudonymizer, order
         self._source_ids: dict[SourceRef, str] = {}
         self.user_ref = {"UserOID": user_oid}
+        self._nsmap = {None: q.ODM[1:q.ODM.index("}")]}  # the document's default namespace
+        self._audit_templates: dict[str, etree._Element] = {}
 
     def write(self, parent: etree._Element, sub: _Subject) -> None:
         q, order, tx = self.q, self.order, self.tx
@@ -437,14 +439,28 @@ class _SubjectWriter:
                 attrs["Value"] = change.item.value
             idata = sub_el(parent, q.ItemData, attrs)
         # ODM 1.3.2: AuditRecord is ItemData's first child; ODM 2.0: it follows the Value elements.
-        audit = sub_el(idata, q.AuditRecord)
-        sub_el(audit, q.UserRef, self.user_ref)
-        sub_el(audit, q.LocationRef, {"LocationOID": sub.site_oid})
-        sub_el(audit, q.DateTimeStamp).text = self.stamp
+        # (UserRef, LocationRef, DateTimeStamp, [ReasonForChange], SourceID): a copy of the site's
+        # template, about half the cost of building the five elements for each of thousands of items
+        audit = self._audit_template(sub.site_oid).__deepcopy__(None)
         source = change.item.source
+        audit[3].text = self._source_id(source)
         if change.reason_for_change:
-            sub_el(audit, q.ReasonForChange).text = _scrub(change.reason_for_change, source, self.pseudo)
-        sub_el(audit, q.SourceID).text = self._source_id(source)
+            reason = etree.Element(q.ReasonForChange, nsmap=self._nsmap)
+            reason.text = _scrub(change.reason_for_change, source, self.pseudo)
+            audit.insert(3, reason)
+        idata.append(audit)
+
+    def _audit_template(self, site_oid: str) -> etree._Element:
+        template = self._audit_templates.get(site_oid)
+        if template is None:
+            q, sub_el = self.q, etree.SubElement
+            template = etree.Element(q.AuditRecord, nsmap=self._nsmap)
+            sub_el(template, q.UserRef, self.user_ref)
+            sub_el(template, q.LocationRef, {"LocationOID": site_oid})
+            sub_el(template, q.DateTimeStamp).text = self.stamp
+            sub_el(template, q.SourceID)
+            self._audit_templates[site_oid] = template
+        return template
 
     def _source_id(self, ref: SourceRef) -> str:
         sid = self._source_ids.get(ref)

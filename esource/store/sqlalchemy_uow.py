@@ -453,7 +453,7 @@ class SqlAlchemyUnitOfWork:
             if self._audit_session_factory is None:
                 raise StoreError("this read-only unit of work cannot record audit events: open it with Store.uow()")
         at = event.at if event.at is not None else self._now()
-        if at.tzinfo is None or at.utcoffset() is None:
+        if at.tzinfo is not dt.timezone.utc and (at.tzinfo is None or at.utcoffset() is None):
             raise StoreError("an audit event's time must be timezone-aware UTC")
         try:
             self._audit_pending.append(audit_row_values(event, at))
