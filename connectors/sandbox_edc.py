@@ -138,6 +138,12 @@ def _text(el: etree._Element | None) -> str | None:
     return el.text if el is not None else None
 
 
+_TAG_SE, _TAG_FD, _TAG_IG, _TAG_IT, _TAG_AR, _TAG_USER, _TAG_LOC = (
+    _N + name for name in ("StudyEventData", "FormData", "ItemGroupData", "ItemData", "AuditRecord", "UserRef",
+                           "LocationRef"))
+_AUDIT_TEXTS = {_N + "DateTimeStamp": "stamp", _N + "ReasonForChange": "reason", _N + "SourceID": "source"}
+
+
 def parse_transaction(root: etree._Element, study: str) -> list[SubjectOp]:
     """The subjects and ItemData of a (schema-valid) Transactional ODM file for `study`."""
     if root.get("FileType") != "Transactional":
@@ -155,24 +161,29 @@ def parse_transaction(root: etree._Element, study: str) -> list[SubjectOp]:
             site = sd.find(f"{_N}SiteRef")
             op = SubjectOp(study, cd.get("MetaDataVersionOID", ""), sd.get("SubjectKey", ""),
                            site.get("LocationOID") if site is not None else None, sd.get("TransactionType"), [])
-            for se in sd.findall(f"{_N}StudyEventData"):
-                for fd in se.findall(f"{_N}FormData"):
-                    for ig in fd.findall(f"{_N}ItemGroupData"):
-                        for it in ig.findall(f"{_N}ItemData"):
+            for se in sd.iterchildren(_TAG_SE):
+                for fd in se.iterchildren(_TAG_FD):
+                    for ig in fd.iterchildren(_TAG_IG):
+                        for it in ig.iterchildren(_TAG_IT):
                             path = ItemPath(se.get("StudyEventOID", ""), se.get("StudyEventRepeatKey") or "",
                                             fd.get("FormOID", ""), ig.get("ItemGroupOID", ""),
                                             ig.get("ItemGroupRepeatKey") or "", it.get("ItemOID", ""))
-                            audit = it.find(f"{_N}AuditRecord")
-                            user = audit.find(f"{_N}UserRef") if audit is not None else None
-                            loc = audit.find(f"{_N}LocationRef") if audit is not None else None
+                            # the AuditRecord's parts in one pass over its children (thousands of items a file)
+                            found: dict[str, str | None] = {}
+                            for audit in it.iterchildren(_TAG_AR):
+                                for part in audit:
+                                    tag = part.tag
+                                    if tag == _TAG_USER:
+                                        found["user"] = part.get("UserOID")
+                                    elif tag == _TAG_LOC:
+                                        found["loc"] = part.get("LocationOID")
+                                    elif tag in _AUDIT_TEXTS:
+                                        found.setdefault(_AUDIT_TEXTS[tag], part.text)
+                                break
                             value = None if it.get("IsNull") == "Yes" else it.get("Value", "")
                             op.items.append(ItemOp(
-                                path, it.get("TransactionType") or "Upsert", value,
-                                user.get("UserOID") if user is not None else None,
-                                loc.get("LocationOID") if loc is not None else None,
-                                _text(audit.find(f"{_N}DateTimeStamp")) if audit is not None else None,
-                                _text(audit.find(f"{_N}ReasonForChange")) if audit is not None else None,
-                                _text(audit.find(f"{_N}SourceID")) if audit is not None else None))
+                                path, it.get("TransactionType") or "Upsert", value, found.get("user"),
+                                found.get("loc"), found.get("stamp"), found.get("reason"), found.get("source")))
             subjects.append(op)
     if not subjects:
         raise SandboxError(422, "NO_SUBJECT", "the ODM file has no SubjectData")
