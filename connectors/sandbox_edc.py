@@ -134,10 +134,6 @@ class SubjectOp:
     items: list[ItemOp]
 
 
-def _text(el: etree._Element | None) -> str | None:
-    return el.text if el is not None else None
-
-
 _TAG_SE, _TAG_FD, _TAG_IG, _TAG_IT, _TAG_AR, _TAG_USER, _TAG_LOC = (
     _N + name for name in ("StudyEventData", "FormData", "ItemGroupData", "ItemData", "AuditRecord", "UserRef",
                            "LocationRef"))
@@ -170,16 +166,14 @@ def parse_transaction(root: etree._Element, study: str) -> list[SubjectOp]:
                                             ig.get("ItemGroupRepeatKey") or "", it.get("ItemOID", ""))
                             # the AuditRecord's parts in one pass over its children (thousands of items a file)
                             found: dict[str, str | None] = {}
-                            for audit in it.iterchildren(_TAG_AR):
-                                for part in audit:
-                                    tag = part.tag
-                                    if tag == _TAG_USER:
-                                        found["user"] = part.get("UserOID")
-                                    elif tag == _TAG_LOC:
-                                        found["loc"] = part.get("LocationOID")
-                                    elif tag in _AUDIT_TEXTS:
-                                        found.setdefault(_AUDIT_TEXTS[tag], part.text)
-                                break
+                            for part in next(it.iterchildren(_TAG_AR), ()):
+                                tag = part.tag
+                                if tag == _TAG_USER:
+                                    found["user"] = part.get("UserOID")
+                                elif tag == _TAG_LOC:
+                                    found["loc"] = part.get("LocationOID")
+                                elif tag in _AUDIT_TEXTS:
+                                    found.setdefault(_AUDIT_TEXTS[tag], part.text)
                             value = None if it.get("IsNull") == "Yes" else it.get("Value", "")
                             op.items.append(ItemOp(
                                 path, it.get("TransactionType") or "Upsert", value, found.get("user"),

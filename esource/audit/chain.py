@@ -102,17 +102,8 @@ def json_detail(value: Any) -> Any:
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            # the common members (text, integers, a list of texts) inline: one entry per mapped value
-            tv = type(v)
-            if tv in _PLAIN:
-                out[k if type(k) is str else str(k)] = v
-            elif (tv is list or tv is tuple) and all(type(x) in _PLAIN for x in v):
-                out[k if type(k) is str else str(k)] = list(v)
-            else:
-                out[k if type(k) is str else str(k)] = json_detail(v)
-        return out
+        return {k if type(k) is str else str(k): v if type(v) in _PLAIN else json_detail(v)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         if isinstance(value, (list, tuple)) and all(type(v) in _PLAIN for v in value):
             return list(value)  # the common case (a mapped value's conversions): text as it is
@@ -125,6 +116,7 @@ def row_values(event: AuditEvent, at: dt.datetime) -> dict[str, Any]:
     """The stored columns of an event (without id, prev_hash, hash)."""
     item, source = event.item, event.source
     patient = source is not None and source.resource_type == "Patient"
+    detail = event.detail or {}
     return {
         "at": at if at.tzinfo is dt.UTC else at.astimezone(dt.UTC),
         "actor": event.actor,
@@ -132,10 +124,7 @@ def row_values(event: AuditEvent, at: dt.datetime) -> dict[str, Any]:
         "study_oid": event.study_oid,
         "subject_key": event.subject_key,
         "site_oid": event.site_oid,
-        **(_NO_ITEM if item is None else {
-            "study_event_oid": item.study_event_oid, "study_event_repeat_key": item.study_event_repeat_key,
-            "form_oid": item.form_oid, "item_group_oid": item.item_group_oid,
-            "item_group_repeat_key": item.item_group_repeat_key, "item_oid": item.item_oid}),
+        **item_columns(item),
         "old_value": event.old_value,
         "new_value": event.new_value,
         "reason": event.reason,
@@ -145,11 +134,8 @@ def row_values(event: AuditEvent, at: dt.datetime) -> dict[str, Any]:
         "source_version": source.version if source else None,
         "source_identity": None if source is None or patient else source.identity,
         "rule": event.rule,
-        "detail": json_detail(d if isinstance(d := event.detail, Mapping) else dict(d)) if event.detail else {},
+        "detail": json_detail(detail if isinstance(detail, Mapping) else dict(detail)),
     }
-
-
-_NO_ITEM: dict[str, None] = item_columns(None)
 
 
 def canonical_bytes(row: Mapping[str, Any]) -> bytes:
@@ -174,17 +160,8 @@ def chain_rows(values: list[dict[str, Any]], last_id: int, last_hash: str) -> li
     """Number and hash new entries after the chain's head (last_id, last_hash): the complete rows to insert."""
     rows: list[dict[str, Any]] = []
     prev = last_hash
-    sha256, dumps, sort = hashlib.sha256, orjson.dumps, orjson.OPT_SORT_KEYS
     for offset, v in enumerate(values, start=1):
         row = {"id": last_id + offset, **v, "prev_hash": prev}
-        if row.keys() == _CANONICAL_KEYS and type(row["at"]) is dt.datetime:
-            # canonical_bytes without its copy: the row has exactly the canonical members
-            prev = sha256(dumps({**row, "at": format_at(row["at"])}, option=sort)).hexdigest()
-        else:
-            prev = entry_hash(row)
-        row["hash"] = prev
+        row["hash"] = prev = entry_hash(row)
         rows.append(row)
     return rows
-
-
-_CANONICAL_KEYS = frozenset(CANONICAL_MEMBERS)

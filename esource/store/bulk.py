@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 
 from sqlalchemy.orm import Session
 
-_UNNEST: dict[tuple[str, str, tuple[str, ...]], Any] = {}
 _Plan = tuple[str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...], bool] | None
-_PLANS: dict[tuple[str, str, tuple[str, ...]], tuple[Any, _Plan]] = {}
+_Unnest = tuple[str, tuple[str, ...]] | None  # PostgreSQL's one-statement form of an INSERT (see _unnest)
+_PLANS: dict[tuple[str, str, tuple[str, ...]], tuple[_Plan, _Unnest]] = {}
 
 # values processed once per call: the same timestamp on every row of a batch costs one strftime
 _MEMO_TYPES = (dt.datetime, dt.date, str, int, bool, type(None))
@@ -54,8 +54,10 @@ def executemany(session: Session, name: str, stmt: Any, rows: Sequence[dict[str,
     cache_key = (name, dialect.name, keys)
     cached = _PLANS.get(cache_key)
     if cached is None:  # the first statement seen under `name` is the one compiled
-        cached = _PLANS[cache_key] = (stmt, _plan(stmt, dialect, keys))
-    plan = cached[1]
+        plan = _plan(stmt, dialect, keys)
+        unnest = _unnest(stmt, dialect, plan[0]) if plan is not None and dialect.name == "postgresql" else None
+        cached = _PLANS[cache_key] = (plan, unnest)
+    plan, unnest = cached
     if plan is None:
         session.execute(stmt, list(rows))
         return
@@ -76,18 +78,14 @@ def executemany(session: Session, name: str, stmt: Any, rows: Sequence[dict[str,
                     out.append(proc(v))
             values = out
         columns.append(values)
-    if dialect.name == "postgresql" and len(rows) > 1:
-        unnest = _UNNEST.get(cache_key, _UNNEST)
-        if unnest is _UNNEST:
-            unnest = _UNNEST[cache_key] = _unnest(cached[0], dialect, sql)
-        if unnest is not None:
-            # one INSERT for all rows, the values as one array per column: psycopg's executemany sends a
-            # statement per row (even pipelined ~50 µs of client and server time a row, seconds for the
-            # audit entries and item states of a Kafka batch). ON CONFLICT keeps its meaning as long as
-            # no two rows share a conflict key (callers de-duplicate).
-            by_name = dict(zip(order, columns))
-            conn.exec_driver_sql(unnest[0], tuple(by_name[name] for name in unnest[1]))
-            return
+    if unnest is not None and len(rows) > 1:
+        # one INSERT for all rows, the values as one array per column: psycopg's executemany sends a
+        # statement per row (even pipelined ~50 µs of client and server time a row, seconds for the
+        # audit entries and item states of a Kafka batch). ON CONFLICT keeps its meaning as long as
+        # no two rows share a conflict key (callers de-duplicate).
+        by_name = dict(zip(order, columns))
+        conn.exec_driver_sql(unnest[0], tuple(by_name[name] for name in unnest[1]))
+        return
     if positional:
         params: list[Any] = list(zip(*columns))
     else:
@@ -98,9 +96,9 @@ def executemany(session: Session, name: str, stmt: Any, rows: Sequence[dict[str,
 _BIND = re.compile(r"%\((\w+)\)s(::[A-Z][A-Z0-9 ]*(?:\(\d+\))?)?")
 
 
-def _unnest(stmt: Any, dialect: Any, sql: str) -> tuple[str, tuple[str, ...]] | None:
+def _unnest(stmt: Any, dialect: Any, sql: str) -> _Unnest:
     """PostgreSQL: `INSERT INTO t (cols) VALUES (binds) [ON CONFLICT ...] [RETURNING ...]` rewritten as
-    `INSERT INTO t (cols) SELECT * FROM unnest(%s::type[], ...) ...`: one array parameter per column,
+    `INSERT INTO t (cols) SELECT * FROM unnest(%b::type[], ...) ...`: one array parameter per column,
     so the statement text stays the same whatever the number of rows. None for any other shape."""
     if not sql.startswith("INSERT INTO "):
         return None

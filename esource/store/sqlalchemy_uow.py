@@ -26,8 +26,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence, cast
 
 from sqlalchemy import (Engine, Table, and_, bindparam, exists, func, insert, or_, select, text, tuple_, union_all,
