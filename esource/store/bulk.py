@@ -98,8 +98,9 @@ _BIND = re.compile(r"%\((\w+)\)s(::[A-Z][A-Z0-9 ]*(?:\(\d+\))?)?")
 
 def _unnest(stmt: Any, dialect: Any, sql: str) -> _Unnest:
     """PostgreSQL: `INSERT INTO t (cols) VALUES (binds) [ON CONFLICT ...] [RETURNING ...]` rewritten as
-    `INSERT INTO t (cols) SELECT * FROM unnest(%b::type[], ...) ...`: one array parameter per column,
-    so the statement text stays the same whatever the number of rows. None for any other shape."""
+    `INSERT INTO t (cols) SELECT ... FROM unnest(%b::type[], ...) WITH ORDINALITY ... ORDER BY ...`: one
+    array parameter per column, so the statement text stays the same whatever the number of rows. None
+    for any other shape."""
     if not sql.startswith("INSERT INTO "):
         return None
     at = sql.find(" VALUES (")
@@ -129,4 +130,9 @@ def _unnest(stmt: Any, dialect: Any, sql: str) -> _Unnest:
         cast = m.group(2)[2:] if m.group(2) else columns[m.group(1)].type.compile(dialect=dialect)
         names.append(m.group(1))
         arrays.append(f"%b::{cast}[]")  # binary: psycopg dumps text arrays 3x faster
-    return f"{head} SELECT * FROM unnest({', '.join(arrays)}){tail}", tuple(names)
+    # WITH ORDINALITY ... ORDER BY: rows are inserted (and serial ids given) in the callers' order, as
+    # one statement per row did (facts are ordered by id within a day); SQLAlchemy's insertmanyvalues
+    # orders its INSERT ... SELECT the same way
+    aliases = ", ".join(f'"{name}"' for name in names)
+    return (f"{head} SELECT {aliases} FROM unnest({', '.join(arrays)}) WITH ORDINALITY AS u({aliases}, esource_ord) "
+            f"ORDER BY esource_ord{tail}", tuple(names))

@@ -343,6 +343,17 @@ def test_putting_an_item_again_replaces_its_state(store):
         assert list(items.values()) == [sent(key, "131", version="2", frozen=True)]
 
 
+def test_facts_stored_in_one_call_keep_their_order(store):
+    """Facts first seen the same day are read back in arrival order (PostgreSQL inserts a batch as one
+    statement: its rows must still get their ids in the order given)."""
+    identities = [f"urn:lab|O-{n}" for n in (5, 1, 9, 3, 7, 2, 8)]
+    with store.uow() as uow:
+        uow.store_facts(STUDY, "001-0001", [fact(i) for i in identities])
+        uow.commit()
+    with store.uow() as uow:
+        assert [f.identity for f in uow.facts(STUDY, "001-0001")] == identities
+
+
 def test_many_items_in_one_call_keep_every_value_exactly(store):
     """One call with many rows (PostgreSQL: one INSERT over arrays) keeps awkward text as it is, NULL
     repeat keys as absent, and the last state of a key given twice; bucket lookups find them all."""
