@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from esource.domain.audit import AuditEvent
 from esource.domain.model import Discrepancy, Enrollment, ItemKey, SubjectTransaction
@@ -101,6 +101,10 @@ class UnitOfWork(Protocol):
 
     # enrollment
     def find_enrollment(self, study_oid: str, identifiers: Iterable[tuple[str, str]]) -> Enrollment | None: ...
+    def find_enrollments(self, study_oid: str, patients: Iterable[Sequence[tuple[str, str]]]
+                         ) -> dict[tuple[tuple[str, str], ...], Enrollment | None]:
+        """find_enrollment for many patients (keyed by their identifiers as a tuple) in one lookup."""
+        ...
     def add_enrollment(self, enrollment: Enrollment) -> None: ...
     def enrollments(self, study_oid: str) -> list[Enrollment]: ...
 
@@ -118,6 +122,10 @@ class UnitOfWork(Protocol):
         kept that are new or changed, their identities, and the versions the changed ones replaced
         (nothing else is read)."""
         ...
+    def store_facts_of(self, study_oid: str, incoming: "Mapping[str, Sequence[StoredFact]]"
+                       ) -> dict[str, tuple[list[StoredFact], set[str], list[StoredFact]]]:
+        """store_facts for many subjects (SubjectKey -> its incoming records) in one read and write."""
+        ...
     def facts(self, study_oid: str, subject_key: str, *,
               dates: "Sequence[tuple[dt.date, dt.date]] | None" = None, basis: str | None = None
               ) -> list[StoredFact]:
@@ -130,6 +138,9 @@ class UnitOfWork(Protocol):
     def put_sent_item(self, item: SentItem) -> None: ...
     def put_sent_items(self, items: "Iterable[SentItem]") -> None: ...
     def subject_known(self, study_oid: str, subject_key: str) -> bool: ...
+    def sent_items_from(self, study_oid: str, identities: "Mapping[str, Iterable[str]]"
+                        ) -> dict[str, dict[ItemKey, SentItem]]: ...
+    def frozen_items(self, study_oid: str, subject_keys: Sequence[str]) -> dict[str, dict[ItemKey, SentItem]]: ...
 
     # repeat keys and first-seen dates (the engine's memory)
     repeat_keys: RepeatKeyAllocator
@@ -141,6 +152,9 @@ class UnitOfWork(Protocol):
 
     # outbox: the ODM transaction written in the same database transaction as the state
     def next_sequence(self, study_oid: str, subject_key: str) -> int: ...
+    def outbox_positions(self, study_oid: str, subject_keys: Sequence[str]) -> dict[str, tuple[bool, int]]:
+        """(subject_known, next_sequence) of many subjects in one read."""
+        ...
     def add_outbox(self, transaction: SubjectTransaction, odm: bytes) -> int: ...
 
     # audit trail: recorded in this unit of work, chained (hash of the predecessor) when it commits

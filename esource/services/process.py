@@ -164,25 +164,28 @@ class Processor:
         pending: dict[str, _PendingSubject] = {}
         with self.uow_factory() as uow:
             seen = uow.seen_intakes([key for _, key in inputs])
-            matched: dict[tuple[tuple[str, str], ...], Enrollment | None] = {}
-            fresh: list[str] = []
+            # the fresh inputs' resources by patient (None: a duplicate), then every patient of the
+            # batch looked up at once
+            grouped: list[tuple[dict[tuple[tuple[str, str], ...], list[SourceResource]], int] | None] = []
             for parsed, intake_key in inputs:
+                grouped.append(None if intake_key in seen else self.group_by_patient(parsed))
+                seen.add(intake_key)
+            matched = uow.find_enrollments(self.study.oid, [idents for g in grouped if g is not None for idents in g[0]])
+            fresh: list[str] = []
+            for (parsed, intake_key), group in zip(inputs, grouped):
                 outcome = IngestOutcome(intake_key=intake_key, resources=len(parsed.resources))
                 outcomes.append(outcome)
-                if intake_key in seen:
+                if group is None:
                     outcome.duplicate = True
                     uow.audit(AuditEvent(AuditAction.MESSAGE_DUPLICATE, study_oid=self.study.oid,
                                          detail={"intake": self.pseudonymizer.token(intake_key, "intake")}, at=now))
                     continue
-                seen.add(intake_key)
                 fresh.append(intake_key)
                 uow.audit(AuditEvent(AuditAction.MESSAGE_RECEIVED, study_oid=self.study.oid, at=now,
                                      detail={"intake": self.pseudonymizer.token(intake_key, "intake"), "resources": len(parsed.resources)}))
-                groups, outcome.unattributed = self.group_by_patient(parsed)
+                groups, outcome.unattributed = group
                 dropped = 0
                 for idents, resources in groups.items():
-                    if idents not in matched:
-                        matched[idents] = uow.find_enrollment(self.study.oid, idents)
                     enrollment = matched[idents]
                     if enrollment is None:
                         # privacy: nothing of a patient who is not enrolled is kept; only a count
@@ -203,8 +206,21 @@ class Processor:
                                          reason="patient not enrolled in the study: nothing kept",
                                          detail={"intake": self.pseudonymizer.token(intake_key, "intake"), "resources": dropped}))
             uow.mark_intakes(fresh)
+            # what every subject's run reads anyway, for all of them at once (a round trip per subject
+            # each was most of a small batch's time on PostgreSQL); their new states written at once
+            keys = list(pending)
+            batch = None
+            if keys:
+                study_oid, today = self.study.oid, now.date()
+                stored = uow.store_facts_of(study_oid, {k: self._incoming(p.resources, today)
+                                                        for k, p in pending.items()})
+                batch = _BatchReads(uow.outbox_positions(study_oid, keys), uow.frozen_items(study_oid, keys), stored,
+                                    uow.sent_items_from(study_oid, {k: stored[k][1] for k in keys}))
             for p in pending.values():
-                p.outcome.subjects.append(self._subject(uow, p.enrollment, p.resources, p.deletions, now, p.outcome))
+                p.outcome.subjects.append(self._subject(uow, p.enrollment, p.resources, p.deletions, now, p.outcome,
+                                                        batch=batch))
+            if batch is not None:
+                uow.put_sent_items(batch.states)
             uow.commit()
         return outcomes
 
@@ -229,27 +245,44 @@ class Processor:
             uow.commit()
         return out
 
-    def _subject(self, uow: UnitOfWork, enrollment: Enrollment, resources: list[SourceResource],
-                 deletions: list[str], now: dt.datetime, outcome: IngestOutcome, *, actor: str = SYSTEM_ACTOR,
-                 reason: str | None = None, incremental: bool = True) -> SubjectOutcome:
-        study_oid, subject = self.study.oid, enrollment.subject_key
-        site = enrollment.site_oid
-        today = now.date()
-        so = SubjectOutcome(subject)
+    def _incoming(self, resources: list[SourceResource], today: dt.date) -> list[StoredFact]:
+        """What is kept of a subject's new resources (scrubbed), with the day their readings fall on."""
         engine, basis = self.engine, self.engine.clinical_basis
         incoming = []
         for res in resources:
             kept = scrub(res.resource)
             incoming.append(StoredFact(res.ref.identity, res.resource_type, res.id, res.ref.version, res.full_url,
                                        kept, today, engine.clinical_date(res.resource_type, kept), basis))
-        stored, changed, replaced = uow.store_facts(study_oid, subject, incoming)
+        return incoming
+
+    def _subject(self, uow: UnitOfWork, enrollment: Enrollment, resources: list[SourceResource],
+                 deletions: list[str], now: dt.datetime, outcome: IngestOutcome, *, actor: str = SYSTEM_ACTOR,
+                 reason: str | None = None, incremental: bool = True, batch: _BatchReads | None = None
+                 ) -> SubjectOutcome:
+        """Map one subject. With `batch` (ingest_batch), its facts were stored and its outbox
+        position, frozen items and items sent from the changed sources read with the batch's other
+        subjects, and its new item state is left in `batch.states` for one write."""
+        study_oid, subject = self.study.oid, enrollment.subject_key
+        site = enrollment.site_oid
+        today = now.date()
+        so = SubjectOutcome(subject)
+        engine, basis = self.engine, self.engine.clinical_basis
+        if batch is None:
+            stored, changed, replaced = uow.store_facts(study_oid, subject, self._incoming(resources, today))
+        else:
+            stored, changed, replaced = batch.stored[subject]
         ctx = MappingContext(repeat_keys=uow.repeat_keys, first_seen=uow.first_seen, today=today)
         deletions = list(dict.fromkeys(deletions))
         if incremental:
             # only what changed is re-selected, and diffed against the state of the groups it touches;
             # only the facts that can fall in those groups are read (cost independent of the history)
             type_ids = [(t, i.split("/")[0]) for t, _, i in (d.partition("/") for d in deletions)]
-            before = uow.sent_items(study_oid, subject, buckets=(), identities=changed, type_ids=type_ids)
+            if batch is None:
+                before = uow.sent_items(study_oid, subject, buckets=(), identities=changed, type_ids=type_ids)
+            else:
+                before = {**batch.frozen[subject], **batch.sent_from[subject]}
+                if type_ids:
+                    before.update(uow.sent_items(study_oid, subject, buckets=(), type_ids=type_ids, frozen=False))
             ctx.changed, ctx.changed_buckets = _changes(changed, deletions, before)
             # where the replaced versions' readings were placed (stored under this map's rules, or worked out)
             ctx.previous_dates = frozenset(
@@ -301,11 +334,14 @@ class Processor:
                                      source=SourceRef(s.source_type, s.source_id, s.source_version, s.source_identity),
                                      reason="the source of the sent value was entered-in-error or deleted"))
         if changes:
-            known = uow.subject_known(study_oid, subject)
+            if batch is None:
+                known, sequence = uow.subject_known(study_oid, subject), uow.next_sequence(study_oid, subject)
+            else:
+                known, sequence = batch.positions[subject]
             tx = SubjectTransaction(
                 study_oid=study_oid, metadata_version_oid=self.study.metadata_version_oid, subject_key=subject,
                 site_oid=site, subject_transaction_type=None if known else TransactionType.INSERT,
-                changes=changes, sequence=uow.next_sequence(study_oid, subject))
+                changes=changes, sequence=sequence)
             file_oid = f"ESOURCE.{study_oid}.{subject}.{tx.sequence:06d}"
             odm = write_clinical_data([tx], file_type="Transactional", file_oid=file_oid, creation=now,
                                       pseudonymizer=self.pseudonymizer, metadata=self.study.metadata)
@@ -326,7 +362,10 @@ class Processor:
                                  site_oid=site, at=now, reason=reason,
                                  detail={**where, "items": len(changes), "inserts": so.inserts,
                                          "updates": so.updates}))
-        uow.put_sent_items(new_state)
+        if batch is None:
+            uow.put_sent_items(new_state)
+        else:
+            batch.states.extend(new_state)
         return so
 
 
@@ -343,6 +382,17 @@ def _changes(changed: set[str], deletions: list[str], sent: dict[ItemKey, SentIt
                         for k, item in sent.items() if item.source_identity in changed
                         or f"{item.source_type}/{item.source_id}" in changed)
     return frozenset(changed), buckets
+
+
+@dataclass
+class _BatchReads:
+    """Per-subject reads done once for a whole batch, and the item states it writes at its end."""
+
+    positions: dict[str, tuple[bool, int]]  # SubjectKey -> (subject known to the EDC, next sequence)
+    frozen: dict[str, dict[ItemKey, SentItem]]
+    stored: dict[str, tuple[list[StoredFact], set[str], list[StoredFact]]]  # store_facts' answers
+    sent_from: dict[str, dict[ItemKey, SentItem]]  # items sent from the sources the batch changed
+    states: list[SentItem] = field(default_factory=list)
 
 
 @dataclass

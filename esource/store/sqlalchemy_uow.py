@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Sequence, cast
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 from sqlalchemy import (Engine, Table, and_, bindparam, exists, func, insert, or_, select, text, tuple_, union_all,
                         update)
@@ -91,6 +94,8 @@ __all__ = [
     "make_engine",
 ]
 
+log = logging.getLogger("esource.store")
+
 # Core tables: all reads and writes go through Core statements (no ORM identity map to go stale
 # between an upsert and a later read in the same unit of work).
 _enrollment: Table = EnrollmentRow.__table__  # type: ignore[assignment]
@@ -119,6 +124,10 @@ _SENT_BASE = select(
 _SENT_STMTS: dict[str, Any] = {  # sent_items' parts
     "all": _SENT_BASE.order_by(_item.c.id),
     "identities": _SENT_BASE.where(_item.c.source_identity.in_(bindparam("ids", expanding=True))),
+    # the same for a batch's subjects (pairs filtered by the caller)
+    "identities_of": select(_item.c.subject_key, *_SENT_BASE.selected_columns).where(
+        _item.c.study_oid == _STUDY, _item.c.subject_key.in_(bindparam("subjects", expanding=True)),
+        _item.c.source_identity.in_(bindparam("ids", expanding=True))),
     "type_ids": _SENT_BASE.where(
         tuple_(_item.c.source_type, _item.c.source_id).in_(bindparam("tids", expanding=True))),
     "frozen": _SENT_BASE.where(_item.c.frozen.is_(True)),
@@ -133,13 +142,24 @@ _SENT_BUCKETS_PG = text(
     f"CAST(:g AS VARCHAR[])) AS b(e, r, f, g) CROSS JOIN LATERAL (SELECT {_SENT_COLUMN_NAMES} FROM item_state "
     f"WHERE study_oid = :study AND subject_key = :subject AND study_event_oid = b.e AND "
     f"study_event_repeat_key = b.r AND form_oid = b.f AND item_group_repeat_key = b.g OFFSET 0) AS t")
+_SENT_FROM_PG = text(
+    f"SELECT p.s AS subject_key, t.* FROM unnest(CAST(:s AS VARCHAR[]), CAST(:i AS VARCHAR[])) AS p(s, i) "
+    f"CROSS JOIN LATERAL (SELECT {_SENT_COLUMN_NAMES} FROM item_state WHERE study_oid = :study AND "
+    f"subject_key = p.s AND source_identity = p.i OFFSET 0) AS t")
 _FACT_COLUMNS = (_fact.c.identity, _fact.c.resource_type, _fact.c.resource_id, _fact.c.version, _fact.c.full_url,
                  _fact.c.resource, _fact.c.first_seen, _fact.c.clinical_date, _fact.c.clinical_basis)
 _FACT_OF_SUBJECT = (_fact.c.study_oid == _STUDY, _fact.c.subject_key == _SUBJECT)
+_FACT_BY_IDENTITY_PG = text(
+    "SELECT p.s AS subject_key, t.* FROM unnest(CAST(:s AS VARCHAR[]), CAST(:i AS VARCHAR[])) AS p(s, i) "
+    "CROSS JOIN LATERAL (SELECT id, identity, resource_type, resource_id, version, full_url, resource, first_seen, "
+    "clinical_date, clinical_basis FROM subject_fact WHERE study_oid = :study AND subject_key = p.s AND "
+    "identity = p.i OFFSET 0) AS t")
 _FACT_STMTS: dict[str, Any] = {
     "all": select(*_FACT_COLUMNS).where(*_FACT_OF_SUBJECT).order_by(_fact.c.first_seen, _fact.c.id),
-    "by_identity": select(_fact.c.id, *_FACT_COLUMNS).where(
-        *_FACT_OF_SUBJECT, _fact.c.identity.in_(bindparam("identities", expanding=True))),
+    # the kept versions of the incoming records of a batch's subjects (pairs filtered by the caller)
+    "by_identity_of": select(_fact.c.subject_key, _fact.c.id, *_FACT_COLUMNS).where(
+        _fact.c.study_oid == _STUDY, _fact.c.subject_key.in_(bindparam("subjects", expanding=True)),
+        _fact.c.identity.in_(bindparam("identities", expanding=True))),
 }
 _PREPARED: dict[str, Any] = {
     "subject_known": select(or_(
@@ -151,6 +171,19 @@ _PREPARED: dict[str, Any] = {
                                             _enrollment.c.subject_key == _SUBJECT),
     "enrollment_identifiers": select(_identifier.c.subject_key, _identifier.c.system, _identifier.c.value).where(
         _identifier.c.study_oid == _STUDY, _identifier.c.subject_key == _SUBJECT).order_by(_identifier.c.id),
+    # the same for the subjects of a batch (`subjects` expanding)
+    "enrollments_of": select(_enrollment).where(
+        _enrollment.c.study_oid == _STUDY, _enrollment.c.subject_key.in_(bindparam("subjects", expanding=True))),
+    "enrollment_identifiers_of": select(_identifier.c.subject_key, _identifier.c.system, _identifier.c.value).where(
+        _identifier.c.study_oid == _STUDY, _identifier.c.subject_key.in_(bindparam("subjects", expanding=True))
+    ).order_by(_identifier.c.id),
+    "max_sequences": select(_outbox.c.subject_key, func.max(_outbox.c.sequence)).where(
+        _outbox.c.study_oid == _STUDY, _outbox.c.subject_key.in_(bindparam("subjects", expanding=True))
+    ).group_by(_outbox.c.subject_key),
+    # answered from the partial index ix_item_state_frozen (its predicate is the frozen term)
+    "frozen_of": select(_item.c.subject_key, *_SENT_BASE.selected_columns).where(
+        _item.c.study_oid == _STUDY, _item.c.subject_key.in_(bindparam("subjects", expanding=True)),
+        _item.c.frozen.is_(True)).order_by(_item.c.id),
 }
 _OUTBOX_INSERT: dict[str, Any] = {}  # per dialect
 
@@ -177,14 +210,60 @@ def _fact_window_statement(n: int) -> Any:
     return select(*_FACT_COLUMNS).where(*_FACT_OF_SUBJECT, or_(*conds)).order_by(t.c.first_seen, t.c.id)
 
 
+def _pair_lookups(session: Session, pg: Any, generic: Any, wanted: Mapping[str, list[str]], name: str
+                  ) -> Iterable[tuple[Any, dict[str, Any]]]:
+    """(statement, parameters) looking up every (subject, value) pair of `wanted`. PostgreSQL: the
+    pairs as two arrays, one index lookup each (LATERAL ... OFFSET 0: whatever the statistics, even
+    before a fresh table's first ANALYZE, where `IN` lists made it read every row of the subjects).
+    Elsewhere: `subject IN (..) AND value IN (..)` in chunks (`_pair_chunks`); the caller filters."""
+    if session.get_bind().dialect.name == "postgresql":
+        pairs = [(k, v) for k, vals in wanted.items() for v in dict.fromkeys(vals)]
+        for i in range(0, len(pairs), 5000):
+            chunk = pairs[i:i + 5000]
+            yield pg, {"s": [k for k, _ in chunk], "i": [v for _, v in chunk]}
+        return
+    for subjects, values in _pair_chunks(wanted):
+        yield generic, {"subjects": subjects, name: values}
+
+
+def _pair_chunks(wanted: Mapping[str, Iterable[str]], limit: int = 500) -> Iterable[tuple[list[str], list[str]]]:
+    """(subjects, values) chunks covering every (subject, value) pair of `wanted`, whole subjects
+    together until `limit` values: a `subject IN (..) AND value IN (..)` lookup probes the index
+    for subjects x values, so a chunk keeps both lists short. Why not a pair IN: SQLite searches
+    only the index's first column for `(a, b) IN (VALUES ...)`."""
+    subjects: list[str] = []
+    values: dict[str, None] = {}
+    for subject, vals in wanted.items():
+        vals = list(dict.fromkeys(vals))
+        for i in range(0, len(vals), limit):
+            part = vals[i:i + limit]
+            if values and len(values) + len(part) > limit:
+                yield subjects, list(values)
+                subjects, values = [], {}
+            if not subjects or subjects[-1] != subject:
+                subjects.append(subject)
+            values.update(dict.fromkeys(part))
+    if values:
+        yield subjects, list(values)
+
+
+def _sent_of(study_oid: str, subject_key: str, rows: Iterable[Any]) -> dict[ItemKey, SentItem]:
+    """Item-state rows (`_SENT_BASE`'s columns) as the diff's SentItems."""
+    out: dict[ItemKey, SentItem] = {}
+    for _id, event, event_repeat, form, group, group_repeat, item, value, identity, version, stype, sid, rule, \
+            is_frozen in rows:
+        key = ItemKey(study_oid, subject_key, event, event_repeat or None, form, group, group_repeat or None, item)
+        out[key] = SentItem(key, value, identity, version, stype, sid, rule, bool(is_frozen))
+    return out
+
+
 @lru_cache(maxsize=None)
 def _identifier_statement(n: int) -> Any:
-    """The subjects enrolled under any of `n` (system, value) pairs."""
+    """The enrolled (subject, system, value) among `n` (system, value) pairs."""
     t = _identifier
-    return select(t.c.subject_key).where(
+    return select(t.c.subject_key, t.c.system, t.c.value).where(
         t.c.study_oid == _STUDY,
-        or_(*(and_(t.c.system == bindparam(f"s{i}"), t.c.value == bindparam(f"v{i}")) for i in range(n)))
-    ).distinct()
+        or_(*(and_(t.c.system == bindparam(f"s{i}"), t.c.value == bindparam(f"v{i}")) for i in range(n))))
 
 _ITEM_KEY_COLUMNS = (
     "study_oid",
@@ -582,21 +661,33 @@ class SqlAlchemyUnitOfWork:
     def find_enrollment(self, study_oid: str, identifiers: Iterable[tuple[str, str]]) -> Enrollment | None:
         """The subject any of the patient's (system, value) identifiers is enrolled under, else None.
         Raises `AmbiguousEnrollmentError` when they name more than one subject of the study."""
+        patient = tuple(dict.fromkeys((system, value) for system, value in identifiers))
+        return self.find_enrollments(study_oid, [patient])[patient]
+
+    def find_enrollments(self, study_oid: str, patients: Iterable[Sequence[tuple[str, str]]]
+                         ) -> dict[tuple[tuple[str, str], ...], Enrollment | None]:
+        """`find_enrollment` for the patients of a whole batch (each a sequence of identifiers, the
+        key of the answer as a tuple): one lookup of all their identifiers and one load of the
+        subjects found, instead of three round trips per patient. Raises `AmbiguousEnrollmentError`
+        when one patient's identifiers name more than one subject."""
         session = self._active()
-        pairs = list(dict.fromkeys((system, value) for system, value in identifiers))
-        if not pairs:
-            return None
-        subject_keys: set[str] = set()
+        wanted = list(dict.fromkeys(tuple(p) for p in patients))
+        pairs = list(dict.fromkeys(pair for p in wanted for pair in p))
+        owner: dict[tuple[str, str], str] = {}
         for i in range(0, len(pairs), 50):
             chunk = pairs[i:i + 50]
             params = {"study": study_oid, **{f"{k}{j}": v for j, pair in enumerate(chunk) for k, v in zip("sv", pair)}}
-            subject_keys.update(session.execute(_identifier_statement(len(chunk)), params).scalars())
-        subject_keys = sorted(subject_keys)
-        if not subject_keys:
-            return None
-        if len(subject_keys) > 1:
-            raise AmbiguousEnrollmentError(study_oid, subject_keys)
-        return self._load_enrollments(study_oid, subject_keys[0])[0]
+            for row in session.execute(_identifier_statement(len(chunk)), params):
+                owner[(row.system, row.value)] = row.subject_key
+        subject_of: dict[tuple[tuple[str, str], ...], str | None] = {}
+        for p in wanted:
+            keys = sorted({owner[pair] for pair in p if pair in owner})
+            if len(keys) > 1:
+                raise AmbiguousEnrollmentError(study_oid, keys)
+            subject_of[p] = keys[0] if keys else None
+        found = sorted({k for k in subject_of.values() if k is not None})
+        loaded = {e.subject_key: e for e in self._load_enrollments(study_oid, found)} if found else {}
+        return {p: (loaded.get(k) if k is not None else None) for p, k in subject_of.items()}
 
     def add_enrollment(self, enrollment: Enrollment) -> None:
         """Add a subject, or update it when (study, SubjectKey) exists: site, dates and withdrawal
@@ -674,11 +765,11 @@ class SqlAlchemyUnitOfWork:
         """Every subject of the study, by SubjectKey."""
         return self._load_enrollments(study_oid, None)
 
-    def _load_enrollments(self, study_oid: str, subject_key: str | None) -> list[Enrollment]:
+    def _load_enrollments(self, study_oid: str, subject_keys: Sequence[str] | None) -> list[Enrollment]:
         session = self._active()
-        if subject_key is not None:  # the hot path (every batch): statements prepared once
-            q, q_id = _PREPARED["enrollment"], _PREPARED["enrollment_identifiers"]
-            params = {"study": study_oid, "subject": subject_key}
+        if subject_keys is not None:  # the hot path (every batch): statements prepared once
+            q, q_id = _PREPARED["enrollments_of"], _PREPARED["enrollment_identifiers_of"]
+            params: dict[str, Any] = {"study": study_oid, "subjects": list(subject_keys)}
         else:
             t, t_id = _enrollment, _identifier
             q = select(t).where(t.c.study_oid == study_oid).order_by(t.c.subject_key)
@@ -815,54 +906,71 @@ class SqlAlchemyUnitOfWork:
         one kept is ignored (`is_stale`); a record's first_seen date never changes. Returns the records
         now kept that are new or changed (what an incremental mapping run re-selects), their
         identities, and the versions the changed ones replaced (where their readings were placed)."""
+        return self.store_facts_of(study_oid, {subject_key: incoming})[subject_key]
+
+    def store_facts_of(self, study_oid: str, incoming: Mapping[str, Sequence[StoredFact]]
+                       ) -> dict[str, tuple[list[StoredFact], set[str], list[StoredFact]]]:
+        """`store_facts` for the subjects of a batch at once: the same reads and writes, each one
+        statement for all of them (a round trip per subject was most of a small batch's time)."""
         from esource.intake.identity import is_stale
 
         session = self._writable()
         t = _fact
-        kept: dict[str, StoredFact] = {}
-        ids: dict[str, int] = {}
-        wanted = list(dict.fromkeys(f.identity for f in incoming))
-        for i in range(0, len(wanted), 500):
-            for row in session.execute(_FACT_STMTS["by_identity"], {"study": study_oid, "subject": subject_key,
-                                                                   "identities": wanted[i:i + 500]}):
-                kept[row.identity] = StoredFact(*row[1:])
-                ids[row.identity] = row.id
-        new: dict[str, StoredFact] = {}
-        changed: dict[str, StoredFact] = {}
-        for fact in incoming:
-            old = new.get(fact.identity) or changed.get(fact.identity) or kept.get(fact.identity)
-            if old is not None and (old.version == fact.version
-                                    or is_stale(fact.resource, fact.version, old.resource, old.version)):
-                continue
-            if fact.identity in kept:
-                fact = StoredFact(fact.identity, fact.resource_type, fact.resource_id, fact.version, fact.full_url,
-                                  fact.resource, kept[fact.identity].first_seen, fact.clinical_date,
-                                  fact.clinical_basis)
-                changed[fact.identity] = fact
-            else:
-                new[fact.identity] = fact
+        kept: dict[tuple[str, str], StoredFact] = {}
+        ids: dict[tuple[str, str], int] = {}
+        wanted = {s: [f.identity for f in facts] for s, facts in incoming.items() if facts}
+        for stmt, params in _pair_lookups(session, _FACT_BY_IDENTITY_PG, _FACT_STMTS["by_identity_of"], wanted,
+                                          "identities"):
+            for row in session.execute(stmt, {"study": study_oid, **params}):
+                key = (row.subject_key, row.identity)
+                kept[key] = StoredFact(*row[2:])
+                ids[key] = row.id
         now = self._now()
-        if new:
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        out: dict[str, tuple[list[StoredFact], set[str], list[StoredFact]]] = {}
+        for subject_key, facts in incoming.items():
+            new: dict[str, StoredFact] = {}
+            changed: dict[str, StoredFact] = {}
+            for fact in facts:
+                prior = kept.get((subject_key, fact.identity))
+                old = new.get(fact.identity) or changed.get(fact.identity) or prior
+                if old is not None and (old.version == fact.version
+                                        or is_stale(fact.resource, fact.version, old.resource, old.version)):
+                    continue
+                if prior is not None:
+                    fact = StoredFact(fact.identity, fact.resource_type, fact.resource_id, fact.version, fact.full_url,
+                                      fact.resource, prior.first_seen, fact.clinical_date, fact.clinical_basis)
+                    changed[fact.identity] = fact
+                else:
+                    new[fact.identity] = fact
+            inserts.extend(
+                {"study_oid": study_oid, "subject_key": subject_key, "identity": f.identity,
+                 "resource_type": f.resource_type, "resource_id": f.resource_id, "version": f.version,
+                 "full_url": f.full_url, "resource": f.resource, "first_seen": f.first_seen,
+                 "clinical_date": f.clinical_date, "clinical_basis": f.clinical_basis,
+                 "created_at": now, "updated_at": now} for f in new.values())
+            updates.extend(
+                {"fact_id": ids[(subject_key, f.identity)], "rtype": f.resource_type, "rid": f.resource_id,
+                 "ver": f.version, "url": f.full_url, "res": f.resource, "cdate": f.clinical_date,
+                 "cbasis": f.clinical_basis, "upd": now} for f in changed.values())
+            now_kept = [*changed.values(), *new.values()]
+            out[subject_key] = (now_kept, {f.identity for f in now_kept},
+                                [kept[(subject_key, identity)] for identity in changed])
+        if inserts:
             executemany(
                 session, "subject_fact.insert",
                 self._insert(t).on_conflict_do_nothing(index_elements=[t.c.study_oid, t.c.subject_key, t.c.identity]),
-                [{"study_oid": study_oid, "subject_key": subject_key, "identity": f.identity,
-                  "resource_type": f.resource_type, "resource_id": f.resource_id, "version": f.version,
-                  "full_url": f.full_url, "resource": f.resource, "first_seen": f.first_seen,
-                  "clinical_date": f.clinical_date, "clinical_basis": f.clinical_basis,
-                  "created_at": now, "updated_at": now} for f in new.values()])
-        if changed:
+                inserts)
+        if updates:
             executemany(
                 session, "subject_fact.update",
                 update(t).where(t.c.id == bindparam("fact_id")).values(
                     resource_type=bindparam("rtype"), resource_id=bindparam("rid"), version=bindparam("ver"),
                     full_url=bindparam("url"), resource=bindparam("res"), clinical_date=bindparam("cdate"),
                     clinical_basis=bindparam("cbasis"), updated_at=bindparam("upd")),
-                [{"fact_id": ids[f.identity], "rtype": f.resource_type, "rid": f.resource_id, "ver": f.version,
-                  "url": f.full_url, "res": f.resource, "cdate": f.clinical_date, "cbasis": f.clinical_basis,
-                  "upd": now} for f in changed.values()])
-        out = [*changed.values(), *new.values()]
-        return out, {f.identity for f in out}, [kept[identity] for identity in changed]
+                updates)
+        return out
 
     # -- item state -------------------------------------------------------------------------------------
 
@@ -905,12 +1013,32 @@ class SqlAlchemyUnitOfWork:
             if frozen:
                 run(_SENT_STMTS["frozen"])
             rows = [found[k] for k in sorted(found)]
-        out: dict[ItemKey, SentItem] = {}
-        for _id, event, event_repeat, form, group, group_repeat, item, value, identity, version, stype, sid, rule, \
-                is_frozen in rows:
-            key = ItemKey(study_oid, subject_key, event, event_repeat or None, form, group, group_repeat or None, item)
-            out[key] = SentItem(key, value, identity, version, stype, sid, rule, bool(is_frozen))
-        return out
+        return _sent_of(study_oid, subject_key, rows)
+
+    def sent_items_from(self, study_oid: str, identities: Mapping[str, Iterable[str]]
+                        ) -> dict[str, dict[ItemKey, SentItem]]:
+        """The items each subject was sent from some source identities (frozen ones included, as in
+        `sent_items(buckets=(), identities=...)`), for the subjects of a batch in one lookup."""
+        session = self._active()
+        rows: dict[str, list[Any]] = {k: [] for k in identities}
+        wanted = {k: set(v) for k, v in identities.items()}
+        for stmt, params in _pair_lookups(session, _SENT_FROM_PG, _SENT_STMTS["identities_of"],
+                                          {k: list(v) for k, v in wanted.items() if v}, "ids"):
+            for row in session.execute(stmt, {"study": study_oid, **params}):
+                if row.source_identity in wanted[row.subject_key]:
+                    rows[row.subject_key].append(row[1:])
+        return {k: _sent_of(study_oid, k, sorted(r, key=lambda row: row[0])) for k, r in rows.items()}
+
+    def frozen_items(self, study_oid: str, subject_keys: Sequence[str]) -> dict[str, dict[ItemKey, SentItem]]:
+        """The frozen items of many subjects in one query (what `sent_items` adds unless `frozen` is
+        False): a batch reads them once instead of one round trip per subject."""
+        session = self._active()
+        by_subject: dict[str, list[Any]] = {k: [] for k in subject_keys}
+        keys = list(by_subject)
+        for i in range(0, len(keys), 500):
+            for row in session.execute(_PREPARED["frozen_of"], {"study": study_oid, "subjects": keys[i:i + 500]}):
+                by_subject[row[0]].append(row[1:])
+        return {k: _sent_of(study_oid, k, rows) for k, rows in by_subject.items()}
 
     def freeze_item(self, key: ItemKey) -> bool:
         """Mark one item's state frozen (its value and lineage untouched) in a single UPDATE, so a
@@ -1254,6 +1382,18 @@ class SqlAlchemyUnitOfWork:
         session = self._active()
         top = session.execute(_PREPARED["max_sequence"], {"study": study_oid, "subject": subject_key}).scalar()
         return (top or 0) + 1
+
+    def outbox_positions(self, study_oid: str, subject_keys: Sequence[str]) -> dict[str, tuple[bool, int]]:
+        """(`subject_known`, `next_sequence`) of many subjects: one query for the subjects of a batch
+        (a subject with an outbox row is known), plus `subject_known`'s for each one without."""
+        session = self._active()
+        top: dict[str, int] = {}
+        keys = list(dict.fromkeys(subject_keys))
+        for i in range(0, len(keys), 500):
+            for subject, seq in session.execute(_PREPARED["max_sequences"],
+                                                {"study": study_oid, "subjects": keys[i:i + 500]}):
+                top[subject] = int(seq)
+        return {k: (True, top[k] + 1) if k in top else (self.subject_known(study_oid, k), 1) for k in keys}
 
     def add_outbox(self, transaction: SubjectTransaction, odm: bytes) -> int:
         """Queue an ODM transaction (status 'pending'); returns the outbox id. `transaction.sequence`
@@ -1668,6 +1808,12 @@ def _token_of(row: Any) -> ApiToken:
                     created_at=row.created_at, expires_at=row.expires_at, revoked_at=row.revoked_at, label=row.label)
 
 
+STATISTICS_CHECK_S = 10.0
+STATISTICS_MIN_ROWS = 1000
+_STATISTICS_TABLES = ("item_state", "subject_fact", "outbox", "audit_log", "discrepancy", "intake",
+                      "enrollment_identifier")
+
+
 class Store:
     """A database holding esource's state: opens the engine, migrates it to head (unless
     `migrate=False`, e.g. when migrations run as a separate deployment step), and hands out units
@@ -1696,13 +1842,45 @@ class Store:
         self._read_only_sessions = sessionmaker(
             bind=self.engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False
         )
+        self._postgres = self.engine.dialect.name == "postgresql"
+        self._statistics_checked = time.monotonic()
+        self._statistics_lock = threading.Lock()
 
     def uow(self, *, read_only: bool = False) -> SqlAlchemyUnitOfWork:
         """A new unit of work. Read-only ones refuse writes and, on SQLite, do not take the write
         lock (they read alongside a writer)."""
+        if self._postgres and time.monotonic() - self._statistics_checked > STATISTICS_CHECK_S:
+            self.first_statistics()
         factory = self._read_only_sessions if read_only else self._sessions
         return SqlAlchemyUnitOfWork(factory, clock=self._clock, read_only=read_only,
                                     audit_session_factory=self._sessions if read_only else None)
+
+    def first_statistics(self) -> list[str]:
+        """PostgreSQL: ANALYZE the hot tables that have rows but no statistics yet (a fresh install
+        filling up faster than autovacuum's first pass, e.g. a backfill in its first minute). Without
+        statistics the planner takes any index on (study, subject) for a lookup by source or identity
+        and reads every row of the subject: 20x slower. Checked at most every STATISTICS_CHECK_S
+        (one catalogue query); each table is analyzed once, then autovacuum keeps it up to date."""
+        if not self._postgres or not self._statistics_lock.acquire(blocking=False):
+            return []
+        try:
+            self._statistics_checked = time.monotonic()
+            with self.engine.begin() as conn:
+                tables = list(conn.execute(text(
+                    "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema() AND "
+                    "relname = ANY(:names) AND last_analyze IS NULL AND last_autoanalyze IS NULL AND "
+                    "n_live_tup >= :rows ORDER BY relname"),
+                    {"names": list(_STATISTICS_TABLES), "rows": STATISTICS_MIN_ROWS}).scalars())
+                for table in tables:
+                    conn.exec_driver_sql(f'ANALYZE "{table}"')  # names from the fixed list above
+            if tables:
+                log.info("first statistics", extra={"count": len(tables)})
+            return tables
+        except Exception as exc:  # never fails a unit of work: autovacuum gets there anyway
+            log.warning("statistics check failed", extra={"reason": type(exc).__name__})
+            return []
+        finally:
+            self._statistics_lock.release()
 
     def dispose(self) -> None:
         """Close all pooled connections."""

@@ -376,6 +376,70 @@ def test_many_items_in_one_call_keep_every_value_exactly(store):
         assert uow.sent_items(STUDY, "001-0001", buckets=()) == {keys[4]: expected[keys[4]]}  # the frozen one
 
 
+def test_batch_reads_answer_as_the_per_subject_ones(store):
+    """What ingest_batch reads for all of a batch's subjects at once (facts stored, items sent from
+    the changed sources, frozen items, outbox positions, enrollments) is what the per-subject calls
+    answer, subject by subject, whatever the other subjects hold."""
+    subjects = ["001-0001", "001-0002", "001-0003", "001-0004"]
+    with store.uow() as uow:
+        for i, s in enumerate(subjects):
+            uow.add_enrollment(enrollment(s, (MRN, f"M{i}"), (INS, f"I{i}")))
+        # the same identity under two subjects must not leak from one to the other
+        uow.store_facts(STUDY, "001-0001", [fact("urn:lab|shared", "1"), fact("urn:lab|A", "1")])
+        uow.store_facts(STUDY, "001-0002", [fact("urn:lab|shared", "7")])
+        for s in subjects[:3]:
+            uow.put_sent_items([
+                SentItem(item_key(subject_key=s, item_oid="I.1"), "1", "urn:lab|shared", "1", "Observation", "o", "r",
+                         False),
+                SentItem(item_key(subject_key=s, item_oid="I.2"), "2", "urn:lab|other", "1", "Observation", "o", "r",
+                         s == "001-0002"),
+            ])
+        uow.add_outbox(subject_transaction(1, "001-0001"), b"<ODM/>")
+        uow.add_outbox(subject_transaction(2, "001-0001"), b"<ODM/>")
+        uow.commit()
+    incoming = {"001-0001": [fact("urn:lab|shared", "1"), fact("urn:lab|A", "2"), fact("urn:lab|B", "1")],
+                "001-0002": [fact("urn:lab|shared", "8")], "001-0003": [fact("urn:lab|shared", "1")], "001-0004": []}
+    with store.uow() as uow:
+        one_by_one = {s: uow.store_facts(STUDY, s, f) for s, f in incoming.items()}
+        uow.rollback()
+    with store.uow() as uow:
+        assert uow.store_facts_of(STUDY, incoming) == one_by_one
+        assert one_by_one["001-0001"][1] == {"urn:lab|A", "urn:lab|B"} and one_by_one["001-0003"][1] == {"urn:lab|shared"}
+        uow.commit()
+    with store.uow() as uow:  # and it stored what store_facts stores
+        assert {f.identity: f.version for f in uow.facts(STUDY, "001-0001")} == {"urn:lab|shared": "1", "urn:lab|A": "2",
+                                                                              "urn:lab|B": "1"}
+        assert [f.version for f in uow.facts(STUDY, "001-0002")] == ["8"]
+        wanted = {"001-0001": {"urn:lab|shared"}, "001-0002": {"urn:lab|other"}, "001-0003": set(), "001-0004": {"x"}}
+        assert uow.sent_items_from(STUDY, wanted) == {
+            s: {k: v for k, v in uow.sent_items(STUDY, s, buckets=(), identities=ids).items()
+                if v.source_identity in ids} for s, ids in wanted.items()}
+        assert uow.frozen_items(STUDY, subjects) == {s: uow.sent_items(STUDY, s, buckets=()) for s in subjects}
+        assert list(uow.frozen_items(STUDY, subjects)["001-0002"]) == [item_key(subject_key="001-0002", item_oid="I.2")]
+        assert uow.outbox_positions(STUDY, subjects) == {
+            s: (uow.subject_known(STUDY, s), uow.next_sequence(STUDY, s)) for s in subjects}
+        assert uow.outbox_positions(STUDY, subjects)["001-0001"] == (True, 3)
+        assert uow.outbox_positions(STUDY, subjects)["001-0004"] == (False, 1)
+        patients = [((MRN, "M0"),), ((INS, "I1"), (MRN, "M1")), ((MRN, "nobody"),)]
+        assert uow.find_enrollments(STUDY, patients) == {p: uow.find_enrollment(STUDY, p) for p in patients}
+        with pytest.raises(AmbiguousEnrollmentError):
+            uow.find_enrollments(STUDY, [((MRN, "M0"),), ((MRN, "M0"), (INS, "I1"))])
+
+
+def test_first_statistics_analyze_only_tables_never_analyzed(store):
+    """PostgreSQL: a hot table with rows and no statistics is analyzed once; SQLite has nothing to do."""
+    with store.uow() as uow:
+        uow.mark_intakes([f"kafka:t:0:{i}" for i in range(1200)])
+        uow.commit()
+    if store.engine.dialect.name != "postgresql":
+        assert store.first_statistics() == []
+        return
+    with store.engine.connect() as conn:  # the statistics counters are flushed at transaction end
+        conn.exec_driver_sql("SELECT pg_stat_force_next_flush()") if conn.dialect.server_version_info >= (15,) else None
+    assert "intake" in store.first_statistics()
+    assert "intake" not in store.first_statistics()
+
+
 # -- repeat keys and first-seen dates --------------------------------------------------------------
 
 
