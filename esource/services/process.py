@@ -13,7 +13,7 @@ import datetime as dt
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Generator, Iterable, Sequence
 
 from esource.domain.audit import SYSTEM_ACTOR, AuditAction, AuditEvent
 from esource.domain.model import (
@@ -216,10 +216,16 @@ class Processor:
                                                         for k, p in pending.items()})
                 batch = _BatchReads(uow.outbox_positions(study_oid, keys), uow.frozen_items(study_oid, keys), stored,
                                     uow.sent_items_from(study_oid, {k: stored[k][1] for k in keys}))
-            for p in pending.values():
-                p.outcome.subjects.append(self._subject(uow, p.enrollment, p.resources, p.deletions, now, p.outcome,
-                                                        batch=batch))
-            if batch is not None:
+                # every subject's run in step: first all their fact reads, then all their item-state
+                # reads, each one call for the batch, then each run's writes in subject order
+                runs = {k: self._subject_steps(uow, p.enrollment, p.resources, p.deletions, now, p.outcome,
+                                               batch=batch) for k, p in pending.items()}
+                reads = {k: next(run) for k, run in runs.items()}
+                facts = uow.facts_of(study_oid, {k: r.dates for k, r in reads.items()}, self.engine.clinical_basis)
+                sent_reads = {k: runs[k].send(facts[k]) for k in runs}
+                sent = uow.sent_items_in(study_oid, {k: (r.buckets, r.identities) for k, r in sent_reads.items()})
+                for k, p in pending.items():
+                    p.outcome.subjects.append(_finish(runs[k], sent[k]))
                 uow.put_sent_items(batch.states)
             uow.commit()
         return outcomes
@@ -257,11 +263,29 @@ class Processor:
 
     def _subject(self, uow: UnitOfWork, enrollment: Enrollment, resources: list[SourceResource],
                  deletions: list[str], now: dt.datetime, outcome: IngestOutcome, *, actor: str = SYSTEM_ACTOR,
-                 reason: str | None = None, incremental: bool = True, batch: _BatchReads | None = None
-                 ) -> SubjectOutcome:
-        """Map one subject. With `batch` (ingest_batch), its facts were stored and its outbox
-        position, frozen items and items sent from the changed sources read with the batch's other
-        subjects, and its new item state is left in `batch.states` for one write."""
+                 reason: str | None = None, incremental: bool = True) -> SubjectOutcome:
+        """Map one subject on its own: its run's reads answered one by one."""
+        study_oid, subject, basis = self.study.oid, enrollment.subject_key, self.engine.clinical_basis
+        run = self._subject_steps(uow, enrollment, resources, deletions, now, outcome, actor=actor, reason=reason,
+                                  incremental=incremental)
+        facts_read = next(run)
+        sent_read = run.send(uow.facts(study_oid, subject, dates=facts_read.dates, basis=basis))
+        if sent_read.buckets is None:
+            sent = uow.sent_items(study_oid, subject)
+        else:
+            sent = uow.sent_items(study_oid, subject, buckets=sent_read.buckets, identities=sent_read.identities,
+                                  frozen=False)
+        return _finish(run, sent)
+
+    def _subject_steps(self, uow: UnitOfWork, enrollment: Enrollment, resources: list[SourceResource],
+                       deletions: list[str], now: dt.datetime, outcome: IngestOutcome, *, actor: str = SYSTEM_ACTOR,
+                       reason: str | None = None, incremental: bool = True, batch: _BatchReads | None = None
+                       ) -> Generator[_FactsRead | _SentRead, Any, SubjectOutcome]:
+        """One subject's run, as steps: it yields the facts it needs (gets them back), then the item
+        states it diffs against (gets them back), and returns its outcome. Why steps: a batch answers
+        each read for all of its subjects in one statement (`ingest_batch`). With `batch`, its facts
+        were stored and its outbox position, frozen items and items sent from the changed sources
+        read with the batch's other subjects, and its new item state is left in `batch.states`."""
         study_oid, subject = self.study.oid, enrollment.subject_key
         site = enrollment.site_oid
         today = now.date()
@@ -295,17 +319,16 @@ class Processor:
                 # (a changed Patient may change birth-date masking everywhere: the run sees everything)
                 ranges = engine.fact_ranges(enrollment, [*(f.clinical_date for f in stored), *ctx.previous_dates],
                                             ctx.changed_buckets)
-            facts = _facts_to_resources(uow.facts(study_oid, subject, dates=ranges, basis=basis))
+            facts = _facts_to_resources((yield _FactsRead(ranges)))
             result = self.engine.map_subject(enrollment, facts, ctx, deletions=deletions)
             produced = {(iv.key.study_event_oid, iv.key.study_event_repeat_key, iv.key.form_oid,
                          iv.key.item_group_repeat_key) for iv in result.items}
             # `before` has the frozen items and those sent from the changed sources already
-            sent = {**before, **uow.sent_items(study_oid, subject, buckets=produced | ctx.changed_buckets,
-                                               identities=ctx.changed - changed, frozen=False)}
+            sent = {**before, **(yield _SentRead(produced | ctx.changed_buckets, ctx.changed - changed))}
         else:
-            facts = _facts_to_resources(uow.facts(study_oid, subject))
+            facts = _facts_to_resources((yield _FactsRead(None)))
             result = self.engine.map_subject(enrollment, facts, ctx, deletions=deletions)
-            sent = uow.sent_items(study_oid, subject)
+            sent = yield _SentRead(None, frozenset())
         changes, new_state, extra = diff_state(result, sent, self.pseudonymizer, study_oid, subject)
         if any(item.frozen for item in sent.values()):
             # a value site staff changed in the EDC is never overwritten: a later source change for it
@@ -382,6 +405,31 @@ def _changes(changed: set[str], deletions: list[str], sent: dict[ItemKey, SentIt
                         for k, item in sent.items() if item.source_identity in changed
                         or f"{item.source_type}/{item.source_id}" in changed)
     return frozenset(changed), buckets
+
+
+@dataclass(frozen=True, slots=True)
+class _FactsRead:
+    """A subject run's first read: its facts inside these date ranges (None: all of them)."""
+
+    dates: list[tuple[dt.date, dt.date]] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _SentRead:
+    """A subject run's second read: the item state of these buckets and of the items sent from these
+    sources (buckets None: the subject's whole state, frozen items included)."""
+
+    buckets: frozenset[tuple[str, str | None, str, str | None]] | None
+    identities: frozenset[str]
+
+
+def _finish(run: Generator[Any, Any, SubjectOutcome], sent: dict[ItemKey, SentItem]) -> SubjectOutcome:
+    """Hand a subject run its item states; it does its writes and returns its outcome."""
+    try:
+        run.send(sent)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("a subject run asked for more reads than the two it declares")
 
 
 @dataclass

@@ -146,6 +146,13 @@ _SENT_FROM_PG = text(
     f"SELECT p.s AS subject_key, t.* FROM unnest(CAST(:s AS VARCHAR[]), CAST(:i AS VARCHAR[])) AS p(s, i) "
     f"CROSS JOIN LATERAL (SELECT {_SENT_COLUMN_NAMES} FROM item_state WHERE study_oid = :study AND "
     f"subject_key = p.s AND source_identity = p.i OFFSET 0) AS t")
+# the same for the buckets of many subjects (`sent_items_in`)
+_SENT_BUCKETS_OF_PG = text(
+    f"SELECT b.s AS subject_key, t.* FROM unnest(CAST(:s AS VARCHAR[]), CAST(:e AS VARCHAR[]), "
+    f"CAST(:r AS VARCHAR[]), CAST(:f AS VARCHAR[]), CAST(:g AS VARCHAR[])) AS b(s, e, r, f, g) CROSS JOIN LATERAL "
+    f"(SELECT {_SENT_COLUMN_NAMES} FROM item_state WHERE study_oid = :study AND subject_key = b.s AND "
+    f"study_event_oid = b.e AND study_event_repeat_key = b.r AND form_oid = b.f AND item_group_repeat_key = b.g "
+    f"OFFSET 0) AS t")
 _FACT_COLUMNS = (_fact.c.identity, _fact.c.resource_type, _fact.c.resource_id, _fact.c.version, _fact.c.full_url,
                  _fact.c.resource, _fact.c.first_seen, _fact.c.clinical_date, _fact.c.clinical_basis)
 _FACT_OF_SUBJECT = (_fact.c.study_oid == _STUDY, _fact.c.subject_key == _SUBJECT)
@@ -154,6 +161,13 @@ _FACT_BY_IDENTITY_PG = text(
     "CROSS JOIN LATERAL (SELECT id, identity, resource_type, resource_id, version, full_url, resource, first_seen, "
     "clinical_date, clinical_basis FROM subject_fact WHERE study_oid = :study AND subject_key = p.s AND "
     "identity = p.i OFFSET 0) AS t")
+# `facts(dates=...)` for many subjects, each with its own date ranges (`facts_of`)
+_FACT_WINDOWS_PG = text(
+    "SELECT f.subject_key, f.id, f.identity, f.resource_type, f.resource_id, f.version, f.full_url, f.resource, "
+    "f.first_seen, f.clinical_date, f.clinical_basis FROM subject_fact f WHERE f.study_oid = :study AND "
+    "f.subject_key = ANY(CAST(:subjects AS VARCHAR[])) AND (f.clinical_date IS NULL OR f.clinical_basis IS NULL "
+    "OR f.clinical_basis <> :basis OR EXISTS (SELECT 1 FROM unnest(CAST(:s AS VARCHAR[]), CAST(:lo AS DATE[]), "
+    "CAST(:hi AS DATE[])) AS p(s, lo, hi) WHERE p.s = f.subject_key AND f.clinical_date BETWEEN p.lo AND p.hi))")
 _FACT_STMTS: dict[str, Any] = {
     "all": select(*_FACT_COLUMNS).where(*_FACT_OF_SUBJECT).order_by(_fact.c.first_seen, _fact.c.id),
     # the kept versions of the incoming records of a batch's subjects (pairs filtered by the caller)
@@ -899,6 +913,31 @@ class SqlAlchemyUnitOfWork:
             rows = session.execute(_fact_window_statement(len(dates)), params)
         return [StoredFact(*row) for row in rows]
 
+    def facts_of(self, study_oid: str, dates: Mapping[str, Sequence[tuple[dt.date, dt.date]] | None],
+                 basis: str | None) -> dict[str, list[StoredFact]]:
+        """`facts(subject, dates=..., basis=...)` for the subjects of a batch, each with its own
+        ranges (None: all its facts). PostgreSQL answers them in one statement, where a round trip
+        per subject cost most of a small batch; SQLite (no round trips) asks subject by subject."""
+        session = self._active()
+        windowed = [k for k, d in dates.items() if d is not None]
+        if session.get_bind().dialect.name != "postgresql" or not windowed:
+            return {k: self.facts(study_oid, k, dates=d, basis=basis) for k, d in dates.items()}
+        s: list[str] = []
+        lo: list[dt.date] = []
+        hi: list[dt.date] = []
+        for k in windowed:
+            for a, b in dates[k] or ():
+                s.append(k)
+                lo.append(a)
+                hi.append(b)
+        rows: dict[str, list[Any]] = {k: [] for k in windowed}
+        for row in session.execute(_FACT_WINDOWS_PG, {"study": study_oid, "subjects": windowed, "basis": basis or "",
+                                                      "s": s, "lo": lo, "hi": hi}):
+            rows[row[0]].append(row)
+        out = {k: [StoredFact(*r[2:]) for r in sorted(found, key=lambda r: (r.first_seen, r.id))]
+               for k, found in rows.items()}
+        return {k: out[k] if k in out else self.facts(study_oid, k) for k in dates}
+
     def store_facts(self, study_oid: str, subject_key: str, incoming: Sequence[StoredFact]
                     ) -> tuple[list[StoredFact], set[str], list[StoredFact]]:
         """Keep the newest version of each incoming record: one read (of the incoming identities only)
@@ -1014,6 +1053,34 @@ class SqlAlchemyUnitOfWork:
                 run(_SENT_STMTS["frozen"])
             rows = [found[k] for k in sorted(found)]
         return _sent_of(study_oid, subject_key, rows)
+
+    def sent_items_in(self, study_oid: str,
+                      wanted: Mapping[str, tuple[Iterable[tuple[str, str | None, str, str | None]], Iterable[str]]]
+                      ) -> dict[str, dict[ItemKey, SentItem]]:
+        """`sent_items(subject, buckets=..., identities=..., frozen=False)` for the subjects of a
+        batch (SubjectKey -> (buckets, identities)): on PostgreSQL one statement for all the buckets
+        and one for all the identities; SQLite asks subject by subject."""
+        session = self._active()
+        if session.get_bind().dialect.name != "postgresql":
+            return {k: self.sent_items(study_oid, k, buckets=b, identities=i, frozen=False)
+                    for k, (b, i) in wanted.items()}
+        found: dict[str, dict[int, Any]] = {k: {} for k in wanted}
+        arrays: tuple[list[str], ...] = ([], [], [], [], [])
+        for k, (buckets, _) in wanted.items():
+            for bucket in dict.fromkeys((e, _repeat_in(r), f, _repeat_in(g)) for e, r, f, g in buckets):
+                for column, value in zip(arrays, (k, *bucket)):
+                    column.append(value)
+        if arrays[0]:
+            params = dict(zip("serfg", arrays))
+            for row in session.execute(_SENT_BUCKETS_OF_PG, {"study": study_oid, **params}):
+                found[row[0]][row[1]] = row[1:]
+        ids = {k: set(i) for k, (_, i) in wanted.items()}
+        for stmt, params in _pair_lookups(session, _SENT_FROM_PG, _SENT_STMTS["identities_of"],
+                                          {k: list(v) for k, v in ids.items() if v}, "ids"):
+            for row in session.execute(stmt, {"study": study_oid, **params}):
+                if row.source_identity in ids[row.subject_key]:
+                    found[row.subject_key][row[1]] = row[1:]
+        return {k: _sent_of(study_oid, k, [rows[i] for i in sorted(rows)]) for k, rows in found.items()}
 
     def sent_items_from(self, study_oid: str, identities: Mapping[str, Iterable[str]]
                         ) -> dict[str, dict[ItemKey, SentItem]]:

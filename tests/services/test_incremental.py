@@ -112,14 +112,27 @@ def test_facts_far_from_the_changed_visits_are_not_read(store, clock):
     original = store.uow
 
     def spying_uow(*args, **kwargs):
+        """Counts the facts read per subject, one by one (`facts`) or for a whole batch (`facts_of`,
+        which on SQLite asks `facts` subject by subject)."""
         uow = original(*args, **kwargs)
-        facts = uow.facts
+        facts, facts_of = uow.facts, uow.facts_of
+        batch = [False]
 
         def counted(*a, **kw):
             out = facts(*a, **kw)
-            read.append(len(out))
+            if not batch[0]:
+                read.append(len(out))
             return out
-        uow.facts = counted
+
+        def counted_of(*a, **kw):
+            batch[0] = True
+            try:
+                out = facts_of(*a, **kw)
+            finally:
+                batch[0] = False
+            read.extend(len(v) for v in out.values())
+            return out
+        uow.facts, uow.facts_of = counted, counted_of
         return uow
 
     processor.uow_factory = spying_uow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -420,10 +421,41 @@ def test_batch_reads_answer_as_the_per_subject_ones(store):
             s: (uow.subject_known(STUDY, s), uow.next_sequence(STUDY, s)) for s in subjects}
         assert uow.outbox_positions(STUDY, subjects)["001-0001"] == (True, 3)
         assert uow.outbox_positions(STUDY, subjects)["001-0004"] == (False, 1)
+        buckets = {"001-0001": [("SE.W4", None, "F.VS", "SYSBP"), ("SE.W12", None, "F.VS", "SYSBP")],
+                   "001-0002": [("SE.W4", None, "F.VS", "SYSBP")], "001-0003": [], "001-0004": [("SE.W4", None, "F.VS",
+                                                                                               "SYSBP")]}
+        sources = {"001-0001": {"urn:lab|other"}, "001-0002": set(), "001-0003": {"urn:lab|shared"}, "001-0004": set()}
+        assert uow.sent_items_in(STUDY, {k: (b, sources[k]) for k, b in buckets.items()}) == {
+            k: uow.sent_items(STUDY, k, buckets=b, identities=sources[k], frozen=False) for k, b in buckets.items()}
+        assert len(uow.sent_items_in(STUDY, {k: (b, sources[k]) for k, b in buckets.items()})["001-0001"]) == 2
         patients = [((MRN, "M0"),), ((INS, "I1"), (MRN, "M1")), ((MRN, "nobody"),)]
         assert uow.find_enrollments(STUDY, patients) == {p: uow.find_enrollment(STUDY, p) for p in patients}
         with pytest.raises(AmbiguousEnrollmentError):
             uow.find_enrollments(STUDY, [((MRN, "M0"),), ((MRN, "M0"), (INS, "I1"))])
+
+
+def test_facts_of_many_subjects_answer_as_facts_subject_by_subject(store):
+    """Each subject's own date ranges (and None: everything), undated facts and facts stored under
+    another map basis always included, oldest first; nothing of another subject."""
+    days = {"001-0001": [1, 5, 29, 30, 85], "001-0002": [2, 29, 170], "001-0003": [29]}
+    with store.uow() as uow:
+        for s, ds in days.items():
+            facts = [dataclasses.replace(fact(f"urn:lab|{s}-{d}"), clinical_date=dt.date(2025, 1, 14) +
+                                         dt.timedelta(days=d), clinical_basis="b1") for d in ds]
+            facts.append(dataclasses.replace(fact(f"urn:lab|{s}-undated"), clinical_basis="b1"))
+            facts.append(dataclasses.replace(fact(f"urn:lab|{s}-old-basis"), clinical_date=dt.date(2025, 9, 1),
+                                             clinical_basis="b0"))
+            uow.store_facts(STUDY, s, facts)
+        uow.commit()
+    d = lambda n: dt.date(2025, 1, 14) + dt.timedelta(days=n)  # noqa: E731
+    dates = {"001-0001": [(d(26), d(32)), (d(78), d(92))], "001-0002": [(d(162), d(176))], "001-0003": None,
+             "001-0004": [(d(1), d(200))]}
+    with store.uow() as uow:
+        got = uow.facts_of(STUDY, dates, "b1")
+        assert got == {s: uow.facts(STUDY, s, dates=r, basis="b1") for s, r in dates.items()}
+        assert [f.identity.split("|")[1] for f in got["001-0001"]] == [
+            "001-0001-29", "001-0001-30", "001-0001-85", "001-0001-undated", "001-0001-old-basis"]
+        assert len(got["001-0003"]) == 3 and got["001-0004"] == []
 
 
 def test_first_statistics_analyze_only_tables_never_analyzed(store):
