@@ -470,6 +470,7 @@ def test_first_statistics_analyze_only_tables_never_analyzed(store):
         conn.exec_driver_sql("SELECT pg_stat_force_next_flush()") if conn.dialect.server_version_info >= (15,) else None
     assert "intake" in store.first_statistics()
     assert "intake" not in store.first_statistics()
+    assert store._statistics_interval == 1.0  # item_state, audit_log ... have none yet: checked again
 
 
 # -- repeat keys and first-seen dates --------------------------------------------------------------
