@@ -559,9 +559,11 @@ class Dispatcher:
         """Rows the EDC accepted: status and audit entries (stamped when the EDC answered), one
         transaction for all of them."""
         with self.uow_factory() as uow:
+            for status in ("acked", "sent"):
+                uow.set_outbox_statuses([a.entry.id for a in acks if bool(a.reference) is (status == "acked")], status,
+                                        attempted=True)
             for a in acks:
                 e, name = a.entry, a.connector
-                uow.set_outbox_status(e.id, "acked" if a.reference else "sent", attempted=True)
                 self._audit(uow, AuditAction.TRANSFER_SENT, e, name, at=a.at, attempts=a.attempts,
                             duplicate=a.duplicate)
                 if a.reference:

@@ -648,3 +648,26 @@ def test_outbox_status_changes(store, clock):
             uow.set_outbox_status(outbox_id, "delivered")
         with pytest.raises(StoreError, match="no outbox row"):
             uow.set_outbox_status(outbox_id + 100, "sent")
+
+
+def test_outbox_statuses_of_many_rows_in_one_call(store, clock):
+    """The dispatcher's acks: each row moves and counts its attempt as with set_outbox_status; a
+    row already sent keeps its first sent_at; an id that does not exist fails the call."""
+    with store.uow() as uow:
+        ids = [uow.add_outbox(subject_transaction(n), b"<ODM/>") for n in (1, 2, 3)]
+        uow.set_outbox_status(ids[2], "sent", attempted=True)
+        uow.commit()
+    first_sent = clock.now()
+    clock.advance(minutes=1)
+    with store.uow() as uow:
+        uow.set_outbox_statuses(ids[1:], "acked", attempted=True)
+        uow.set_outbox_statuses([], "acked")
+        uow.commit()
+    with store.uow() as uow:
+        rows = {e.id: e for e in uow.outbox_entries(statuses=None)}
+        assert [(rows[i].status, rows[i].attempts) for i in ids] == [("pending", 0), ("acked", 1), ("acked", 2)]
+        assert (rows[ids[1]].sent_at, rows[ids[2]].sent_at) == (clock.now(), first_sent)
+        with pytest.raises(StoreError, match="do not exist"):
+            uow.set_outbox_statuses([ids[0], ids[0] + 100], "sent")
+        with pytest.raises(StoreError, match="unknown outbox status"):
+            uow.set_outbox_statuses(ids, "delivered")
