@@ -156,6 +156,10 @@ class KafkaIntake:
         self._producer: Any = None
         self._parts: dict[TopicPartition, _PartitionState] = {}
         self._assigned: frozenset[TopicPartition] = frozenset()
+        # a member of the group with its assignment (possibly no partition: more members than
+        # partitions); False from the start of a rebalance (eager assignors revoke everything first)
+        # until its assignment arrives
+        self._joined = False
         self._last_poll: float | None = None
         self._gathered_at: float | None = None  # when the previous batch was gathered (see _poll_batch)
         self._stop = threading.Event()
@@ -244,14 +248,16 @@ class KafkaIntake:
         self._close(commit=False)
 
     def ready(self) -> bool:
-        """Partitions are assigned and the consumer polled, or finished a batch, recently (a batch that
-        takes longer than the bound is work, not a stuck consumer: it counts once it is done)."""
+        """The consumer is a member of its group with its assignment, and polled, or finished a batch,
+        recently (a batch that takes longer than the bound is work, not a stuck consumer: it counts
+        once it is done). A member given no partition (more members than partitions) is ready: it
+        takes partitions over when another member leaves, and it serves HTTP meanwhile."""
         if self._closed or self._consumer is None or self._last_poll is None:
             return False
         if self._thread is not None and not self._thread.is_alive():
             return False
         recent = max(self.settings.session_timeout_ms, 10 * self.settings.poll_timeout_ms) / 1000.0
-        return bool(self._assigned) and time.monotonic() - self._last_poll <= recent
+        return self._joined and time.monotonic() - self._last_poll <= recent
 
     @property
     def assignment(self) -> frozenset[TopicPartition]:
@@ -312,6 +318,7 @@ class KafkaIntake:
         except Exception as exc:
             log.warning("closing the consumer failed", extra={"reason": _kind(exc)})
         self._assigned = frozenset()
+        self._joined = False
 
     # ------------------------------------------------------------------ one cycle
 
@@ -587,6 +594,7 @@ class KafkaIntake:
                 consumer.resume(tp)
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._joined = False
         consumer = self._consumer
         if consumer is not None and revoked:
             try:
@@ -608,6 +616,7 @@ class KafkaIntake:
                                                   "partition": sorted(f"{t.topic}[{t.partition}]" for t in revoked)})
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._joined = True
         for tp in assigned:
             self._parts[tp] = _PartitionState()  # positions come from the committed offsets
         self._assigned = frozenset(self._assigned | assigned)

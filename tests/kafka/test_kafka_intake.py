@@ -537,6 +537,42 @@ def test_background_thread_ready_and_rebalance_between_two_consumers(store_url, 
         container.close()
 
 
+def test_a_member_given_no_partition_is_ready_and_takes_over_when_the_other_leaves(store_url, tmp_path,
+                                                                                  kafka_broker, topics, intakes,
+                                                                                  producer_factory):
+    """More service replicas than partitions: the one without a partition is a healthy member of the
+    group (ready: it serves HTTP and stands by), and takes the partition when the other stops."""
+    topic, dlq = topics("fhir-updates", "fhir-dlq", partitions=1)
+    env = {"bootstrap": kafka_broker, "topic": topic, "dlq": dlq, "group": unique("esource")}
+    container = make_container(store_url, tmp_path, env)
+    try:
+        one = intakes(container, client_id="one")
+        one.start()
+        wait_until(lambda: time.sleep(0.05), one.ready, timeout=20, what="the first member ready")
+        two = intakes(container, client_id="two")
+        assert not two.ready()
+        two.start()
+
+        def settled() -> bool:  # the group rebalanced to two members: one holds the partition
+            return one.ready() and two.ready() and len(one.assignment | two.assignment) == 1 and \
+                (not one.assignment or not two.assignment)
+        wait_until(lambda: time.sleep(0.05), settled, timeout=30, what="two ready members, one partition")
+        idle, busy = (one, two) if not one.assignment else (two, one)
+        assert idle.assignment == frozenset() and idle.ready()
+        busy.stop()
+        wait_until(lambda: time.sleep(0.05), lambda: bool(idle.assignment) and idle.ready(), timeout=30,
+                   what="the idle member takes the partition over")
+        producer = producer_factory()
+        producer.send(topic, key=mrn(1).encode(), value=weight_event(1, "wt-idle", 61.0, DAY1))
+        producer.flush()
+        wait_until(lambda: time.sleep(0.1), lambda: idle.totals["processed"] >= 1, timeout=30,
+                   what="the former idle member processing")
+        idle.stop()
+        assert not idle.ready()
+    finally:
+        container.close()
+
+
 def test_a_batch_longer_than_the_readiness_bound_leaves_the_intake_ready_once_done(container, kafka_env, intakes,
                                                                                   producer_factory):
     """Readiness asks for a recent poll; a batch that took longer (a backlog on a slow machine) is
