@@ -137,22 +137,17 @@ _SENT_COLUMN_NAMES = ", ".join(c.name for c in _SENT_BASE.selected_columns)
 # planner cannot flatten into one join over all of the subject's items: an index lookup per bucket
 # whatever the statistics). One statement text for any number of buckets: the UNION ALL form (below)
 # cost PostgreSQL ~20 ms of planning for 50 buckets, more than the rest of a subject's mapping.
+# (subject, bucket) pairs as five arrays: one subject's buckets (`sent_items`) or a batch's (`sent_items_in`)
 _SENT_BUCKETS_PG = text(
-    f"SELECT t.* FROM unnest(CAST(:e AS VARCHAR[]), CAST(:r AS VARCHAR[]), CAST(:f AS VARCHAR[]), "
-    f"CAST(:g AS VARCHAR[])) AS b(e, r, f, g) CROSS JOIN LATERAL (SELECT {_SENT_COLUMN_NAMES} FROM item_state "
-    f"WHERE study_oid = :study AND subject_key = :subject AND study_event_oid = b.e AND "
-    f"study_event_repeat_key = b.r AND form_oid = b.f AND item_group_repeat_key = b.g OFFSET 0) AS t")
-_SENT_FROM_PG = text(
-    f"SELECT p.s AS subject_key, t.* FROM unnest(CAST(:s AS VARCHAR[]), CAST(:i AS VARCHAR[])) AS p(s, i) "
-    f"CROSS JOIN LATERAL (SELECT {_SENT_COLUMN_NAMES} FROM item_state WHERE study_oid = :study AND "
-    f"subject_key = p.s AND source_identity = p.i OFFSET 0) AS t")
-# the same for the buckets of many subjects (`sent_items_in`)
-_SENT_BUCKETS_OF_PG = text(
     f"SELECT b.s AS subject_key, t.* FROM unnest(CAST(:s AS VARCHAR[]), CAST(:e AS VARCHAR[]), "
     f"CAST(:r AS VARCHAR[]), CAST(:f AS VARCHAR[]), CAST(:g AS VARCHAR[])) AS b(s, e, r, f, g) CROSS JOIN LATERAL "
     f"(SELECT {_SENT_COLUMN_NAMES} FROM item_state WHERE study_oid = :study AND subject_key = b.s AND "
     f"study_event_oid = b.e AND study_event_repeat_key = b.r AND form_oid = b.f AND item_group_repeat_key = b.g "
     f"OFFSET 0) AS t")
+_SENT_FROM_PG = text(
+    f"SELECT p.s AS subject_key, t.* FROM unnest(CAST(:s AS VARCHAR[]), CAST(:i AS VARCHAR[])) AS p(s, i) "
+    f"CROSS JOIN LATERAL (SELECT {_SENT_COLUMN_NAMES} FROM item_state WHERE study_oid = :study AND "
+    f"subject_key = p.s AND source_identity = p.i OFFSET 0) AS t")
 _FACT_COLUMNS = (_fact.c.identity, _fact.c.resource_type, _fact.c.resource_id, _fact.c.version, _fact.c.full_url,
                  _fact.c.resource, _fact.c.first_seen, _fact.c.clinical_date, _fact.c.clinical_basis)
 _FACT_OF_SUBJECT = (_fact.c.study_oid == _STUDY, _fact.c.subject_key == _SUBJECT)
@@ -186,11 +181,7 @@ _PREPARED: dict[str, Any] = {
         exists().where(_outbox.c.study_oid == _STUDY, _outbox.c.subject_key == _SUBJECT))),
     "max_sequence": select(func.max(_outbox.c.sequence)).where(_outbox.c.study_oid == _STUDY,
                                                                _outbox.c.subject_key == _SUBJECT),
-    "enrollment": select(_enrollment).where(_enrollment.c.study_oid == _STUDY,
-                                            _enrollment.c.subject_key == _SUBJECT),
-    "enrollment_identifiers": select(_identifier.c.subject_key, _identifier.c.system, _identifier.c.value).where(
-        _identifier.c.study_oid == _STUDY, _identifier.c.subject_key == _SUBJECT).order_by(_identifier.c.id),
-    # the same for the subjects of a batch (`subjects` expanding)
+    # the enrollments of some subjects (`subjects` expanding): find_enrollment(s)' second step
     "enrollments_of": select(_enrollment).where(
         _enrollment.c.study_oid == _STUDY, _enrollment.c.subject_key.in_(bindparam("subjects", expanding=True))),
     "enrollment_identifiers_of": select(_identifier.c.subject_key, _identifier.c.system, _identifier.c.value).where(
@@ -1043,7 +1034,9 @@ class SqlAlchemyUnitOfWork:
             wanted = list(dict.fromkeys((e, _repeat_in(er), f, _repeat_in(gr)) for e, er, f, gr in buckets))
             if wanted and session.get_bind().dialect.name == "postgresql":
                 e, r, f, g = (list(column) for column in zip(*wanted))
-                run(_SENT_BUCKETS_PG, e=e, r=r, f=f, g=g)
+                for row in session.execute(_SENT_BUCKETS_PG, {"study": study_oid, "s": [subject_key] * len(e),
+                                                              "e": e, "r": r, "f": f, "g": g}):
+                    found[row[1]] = row[1:]
                 wanted = []
             for i in range(0, len(wanted), 100):
                 chunk = wanted[i:i + 100]
@@ -1077,29 +1070,31 @@ class SqlAlchemyUnitOfWork:
                     column.append(value)
         if arrays[0]:
             params = dict(zip("serfg", arrays))
-            for row in session.execute(_SENT_BUCKETS_OF_PG, {"study": study_oid, **params}):
+            for row in session.execute(_SENT_BUCKETS_PG, {"study": study_oid, **params}):
                 found[row[0]][row[1]] = row[1:]
-        ids = {k: set(i) for k, (_, i) in wanted.items()}
-        for stmt, params in _pair_lookups(session, _SENT_FROM_PG, _SENT_STMTS["identities_of"],
-                                          {k: list(v) for k, v in ids.items() if v}, "ids"):
-            for row in session.execute(stmt, {"study": study_oid, **params}):
-                if row.source_identity in ids[row.subject_key]:
-                    found[row.subject_key][row[1]] = row[1:]
+        for row in self._sent_rows_from(session, study_oid, {k: i for k, (_, i) in wanted.items()}):
+            found[row[0]][row[1]] = row[1:]
         return {k: _sent_of(study_oid, k, [rows[i] for i in sorted(rows)]) for k, rows in found.items()}
 
     def sent_items_from(self, study_oid: str, identities: Mapping[str, Iterable[str]]
                         ) -> dict[str, dict[ItemKey, SentItem]]:
         """The items each subject was sent from some source identities (frozen ones included, as in
         `sent_items(buckets=(), identities=...)`), for the subjects of a batch in one lookup."""
-        session = self._active()
         rows: dict[str, list[Any]] = {k: [] for k in identities}
+        for row in self._sent_rows_from(self._active(), study_oid, identities):
+            rows[row[0]].append(row[1:])
+        return {k: _sent_of(study_oid, k, sorted(r, key=lambda row: row[0])) for k, r in rows.items()}
+
+    @staticmethod
+    def _sent_rows_from(session: Session, study_oid: str, identities: Mapping[str, Iterable[str]]) -> Iterable[Any]:
+        """Item-state rows (SubjectKey, then `_SENT_BASE`'s columns) sent from each subject's own
+        source identities: the pair lookup, less what a chunk's cross product adds."""
         wanted = {k: set(v) for k, v in identities.items()}
         for stmt, params in _pair_lookups(session, _SENT_FROM_PG, _SENT_STMTS["identities_of"],
                                           {k: list(v) for k, v in wanted.items() if v}, "ids"):
             for row in session.execute(stmt, {"study": study_oid, **params}):
                 if row.source_identity in wanted[row.subject_key]:
-                    rows[row.subject_key].append(row[1:])
-        return {k: _sent_of(study_oid, k, sorted(r, key=lambda row: row[0])) for k, r in rows.items()}
+                    yield row
 
     def frozen_items(self, study_oid: str, subject_keys: Sequence[str]) -> dict[str, dict[ItemKey, SentItem]]:
         """The frozen items of many subjects in one query (what `sent_items` adds unless `frozen` is
@@ -1645,9 +1640,17 @@ class SqlAlchemyUnitOfWork:
     ) -> None:
         """Record what happened to an outbox row. `attempted=True` counts a delivery attempt; the
         first move to sent/acked/rejected stamps sent_at; `error` is kept as last_error."""
+        values = self._status_values(status, attempted=attempted, error=error)
+        session = self._writable()
+        done = cast(CursorResult[Any], session.execute(
+            update(_outbox).where(_outbox.c.id == outbox_id).values(**values)))
+        if done.rowcount != 1:
+            raise StoreError(f"no outbox row {outbox_id}")
+
+    def _status_values(self, status: str, *, attempted: bool, error: str | None) -> dict[str, Any]:
+        """The columns an outbox status change sets (see set_outbox_status); an unknown status raises."""
         if status not in OUTBOX_STATUSES:
             raise StoreError(f"unknown outbox status {status!r}: expected one of {', '.join(OUTBOX_STATUSES)}")
-        session = self._writable()
         t = _outbox
         values: dict[str, Any] = {"status": status}
         if attempted:
@@ -1656,29 +1659,20 @@ class SqlAlchemyUnitOfWork:
             values["sent_at"] = func.coalesce(t.c.sent_at, self._now())
         if error is not None:
             values["last_error"] = error
-        done = cast(CursorResult[Any], session.execute(update(t).where(t.c.id == outbox_id).values(**values)))
-        if done.rowcount != 1:
-            raise StoreError(f"no outbox row {outbox_id}")
+        return values
 
     def set_outbox_statuses(self, outbox_ids: Sequence[int], status: str, *, attempted: bool = False) -> None:
         """`set_outbox_status` for many rows in one UPDATE (the dispatcher records the acks waiting
         together: one round trip per ack was most of the recorder's time on PostgreSQL)."""
-        if status not in OUTBOX_STATUSES:
-            raise StoreError(f"unknown outbox status {status!r}: expected one of {', '.join(OUTBOX_STATUSES)}")
+        values = self._status_values(status, attempted=attempted, error=None)
         ids = list(dict.fromkeys(outbox_ids))
         if not ids:
             return
         session = self._writable()
-        t = _outbox
-        values: dict[str, Any] = {"status": status}
-        if attempted:
-            values["attempts"] = t.c.attempts + 1
-        if status in ("sent", "acked", "rejected"):
-            values["sent_at"] = func.coalesce(t.c.sent_at, self._now())
         updated = 0
         for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            done = cast(CursorResult[Any], session.execute(update(t).where(t.c.id.in_(chunk)).values(**values)))
+            done = cast(CursorResult[Any], session.execute(
+                update(_outbox).where(_outbox.c.id.in_(ids[i:i + 500])).values(**values)))
             updated += done.rowcount
         if updated != len(ids):
             raise StoreError(f"{len(ids) - updated} of outbox rows {ids} do not exist")
