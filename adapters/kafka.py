@@ -67,6 +67,8 @@ DLQ_INTAKE_KEY_HEADER = "dlq-intake-key"
 #: dead-lettered) rather than stalling its partition. Brokers that follow KIP-74 return an even larger
 #: first batch anyway; the headroom covers brokers and record batches that do not.
 FETCH_HEADROOM_BYTES = 1024 * 1024
+#: Past the linger, how long a poll may wait for the next fetch while the broker holds a backlog.
+BACKLOG_FETCH_MS = 100
 _MAX_HEADER_TEXT = 256
 
 
@@ -370,7 +372,10 @@ class KafkaIntake:
         once per batch), a trickle in batches of about one linger's worth. Why from the previous
         batch: the time that batch took to process counts as lingering (what arrived meanwhile is
         there at once), so under steady load a record waits at most one cycle instead of a whole
-        processing plus a whole linger; after an idle spell the first record goes at once."""
+        processing plus a whole linger; after an idle spell the first record goes at once. Past the
+        linger, polling goes on while the broker holds more than was handed out (a backlog): one
+        poll returns only what the last fetch brought (a few hundred records after a long batch), and
+        a small batch maps each subject again for a handful of records."""
         s = self.settings
         batch: dict[TopicPartition, list[Any]] = {}
         polled = consumer.poll(timeout_ms=timeout_ms, max_records=min(s.max_poll_records, s.batch_max_records))
@@ -383,9 +388,13 @@ class KafkaIntake:
         deadline = start + s.batch_linger_ms / 1000.0
         while 0 < total < s.batch_max_records and not self._stop.is_set():
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining > 0:
+                wait_ms = max(1, int(remaining * 1000))
+            elif self._backlog(consumer):
+                wait_ms = BACKLOG_FETCH_MS
+            else:
                 break
-            polled = consumer.poll(timeout_ms=max(1, int(remaining * 1000)),
+            polled = consumer.poll(timeout_ms=wait_ms,
                                    max_records=min(s.max_poll_records, s.batch_max_records - total))
             self._last_poll = time.monotonic()
             if not polled:
@@ -623,6 +632,25 @@ class KafkaIntake:
         if assigned:
             log.info("partitions assigned", extra={"count": len(assigned),
                                                    "partition": sorted(f"{t.topic}[{t.partition}]" for t in assigned)})
+
+    def _backlog(self, consumer: Any) -> bool:
+        """Whether an assigned partition that is not paused has records past the position (from the
+        high watermark of the last fetch response, as the lag)."""
+        try:
+            paused = consumer.paused()
+        except Exception:
+            paused = set()
+        for tp in self._assigned:
+            if tp in paused:
+                continue
+            try:
+                high = consumer.highwater(tp)
+                pos = consumer.position(tp, timeout_ms=0) if high is not None else None
+            except Exception:
+                continue
+            if high is not None and pos is not None and high > pos:
+                return True
+        return False
 
     def _update_lag(self, consumer: Any) -> None:
         """Lag per partition = high watermark (from the last fetch response) - position. The broker's

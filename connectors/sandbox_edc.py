@@ -758,7 +758,10 @@ def run_sandbox(host: str = "127.0.0.1", port: int = 8090, db_path: Path | None 
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_key: str | None = None,
                 log_level: str = "info") -> None:
     """Serve the sandbox EDC with uvicorn until interrupted (`esource sandbox-edc`)."""
+    from esource.runtime import settle_heap
+
     app = create_sandbox_app(db_path, max_body_bytes=max_body_bytes, api_key=api_key)
+    settle_heap()  # it shares the machine with esource in the demo and the benchmark: see esource.runtime
     serve_standalone(app, host, port, app.state.sandbox.close, log_level=log_level)
 
 

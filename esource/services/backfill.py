@@ -10,6 +10,7 @@ from esource.adapters.files import iter_input_files, read_input_file
 from esource.bootstrap import build
 from esource.errors import IntakeError
 from esource.observability import configure_logging
+from esource.runtime import settle_heap
 from esource.services.ingest import Envelope
 from esource.settings import load_settings
 
@@ -23,6 +24,7 @@ def run_ingest(paths: list[Path], config: Path | None, *, dispatch: bool = True)
     configure_logging("WARNING", json_logs=settings.log.json_logs)
     console = Console(stderr=True)
     container = build(settings)
+    settle_heap()  # a backfill maps many files: see esource.runtime
     files = list(iter_input_files(paths))
     stats: Counter = Counter()
     kinds: Counter = Counter()

@@ -12,6 +12,7 @@ from typing import Any
 
 from esource.bootstrap import Container, build
 from esource.observability import configure_logging
+from esource.runtime import settle_heap
 from esource.settings import Settings, load_settings
 
 log = logging.getLogger("esource.server")
@@ -61,17 +62,6 @@ def serve(config: Path | None, *, host: str | None = None, port: int | None = No
     finally:
         bg.shutdown()
         container.close()
-
-
-def settle_heap() -> None:
-    """Move what start-up built (studies, terminology, compiled paths, models: a few hundred thousand
-    objects) out of the garbage collector's sight. Why: a full collection walks every tracked object,
-    about 0.1 s holding the interpreter here, and under steady load they come often enough to put
-    that pause into the event-to-EDC latency tail. These objects live as long as the process."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
 
 
 def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
