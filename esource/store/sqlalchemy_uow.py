@@ -55,7 +55,7 @@ from esource.domain.ports import Clock, SentItem, StoredFact, SystemClock
 from esource.errors import EnrollmentError
 from esource.services.conflicts import previous_values_of
 from esource.store.bulk import executemany
-from esource.store.engine import READ_ONLY_OPTION, make_engine
+from esource.store.engine import READ_ONLY_OPTION, WalCheckpointer, make_engine
 from esource.store.errors import AmbiguousEnrollmentError, StoreConflictError, StoreError
 from esource.reconciliation.model import (
     DiscrepancyFilter,
@@ -1917,6 +1917,12 @@ class Store:
         **engine_kwargs: Any,
     ) -> None:
         self.url = make_url(url)
+        self._checkpointer: WalCheckpointer | None = None
+        path = self.url.database if self.url.get_backend_name() == "sqlite" else None
+        if path and path != ":memory:" and self.url.query.get("mode") != "memory":
+            engine_kwargs.setdefault("background_checkpoint", True)
+            if engine_kwargs["background_checkpoint"]:
+                self._checkpointer = WalCheckpointer(path).start()
         self.engine: Engine = make_engine(self.url, **engine_kwargs)
         try:
             if migrate:
@@ -1925,6 +1931,8 @@ class Store:
                 upgrade(self.engine)
         except BaseException:
             self.engine.dispose()
+            if self._checkpointer is not None:
+                self._checkpointer.stop()
             raise
         self._clock: Clock = clock or SystemClock()
         self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)
@@ -1976,8 +1984,10 @@ class Store:
             self._statistics_lock.release()
 
     def dispose(self) -> None:
-        """Close all pooled connections."""
+        """Close all pooled connections (SQLite: after a last WAL checkpoint)."""
         self.engine.dispose()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
 
     def __enter__(self) -> Store:
         return self

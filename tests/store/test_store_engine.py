@@ -214,3 +214,60 @@ def test_a_reader_does_not_take_the_sqlite_writer_gate(tmp_path):
             writer.commit()
     finally:
         s.dispose()
+
+
+def _write_pages(store: Store, megabytes: int) -> None:
+    """One write transaction of about `megabytes` MB (well past SQLite's 1,000-page auto-checkpoint)."""
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS filler (x BLOB)")
+        conn.exec_driver_sql(f"INSERT INTO filler SELECT randomblob(4096) FROM "
+                             f"(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {megabytes * 256}) "
+                             "SELECT i FROM n)")
+
+
+def test_a_sqlite_store_checkpoints_its_wal_beside_the_writers_not_in_their_commits(tmp_path, monkeypatch):
+    import esource.store.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CHECKPOINT_INTERVAL_S", 3600.0)  # no pass during the test
+    path = tmp_path / "e.db"
+    store = Store(f"sqlite:///{path}")
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        before = path.stat().st_size
+        _write_pages(store, 8)
+        # the commit left its 8 MB in the WAL (SQLite's default would have copied it into the file)
+        assert path.stat().st_size - before < 1024 * 1024
+        busy, frames, done = store._checkpointer.checkpoint()
+        assert busy == 0 and frames == done >= 2048
+        assert path.stat().st_size - before >= 8 * 1024 * 1024
+    finally:
+        store.dispose()
+
+
+def test_the_checkpointer_thread_runs_by_itself_and_stops_with_the_store(tmp_path, monkeypatch):
+    import esource.store.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CHECKPOINT_INTERVAL_S", 0.05)
+    path = tmp_path / "e.db"
+    store = Store(f"sqlite:///{path}")
+    checkpointer = store._checkpointer
+    thread = checkpointer._thread
+    try:
+        before = path.stat().st_size
+        _write_pages(store, 4)
+        deadline = time.monotonic() + 10
+        while path.stat().st_size - before < 4 * 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.stat().st_size - before >= 4 * 1024 * 1024
+    finally:
+        store.dispose()
+    assert checkpointer.passes >= 1 and not thread.is_alive()
+
+
+def test_an_in_memory_store_has_no_checkpointer():
+    store = Store("sqlite://")
+    try:
+        assert store._checkpointer is None
+    finally:
+        store.dispose()
