@@ -640,31 +640,16 @@ class KafkaIntake:
             paused = consumer.paused()
         except Exception:
             paused = set()
-        for tp in self._assigned:
-            if tp in paused:
-                continue
-            try:
-                high = consumer.highwater(tp)
-                pos = consumer.position(tp, timeout_ms=0) if high is not None else None
-            except Exception:
-                continue
-            if high is not None and pos is not None and high > pos:
-                return True
-        return False
+        return any(_behind(consumer, tp) for tp in self._assigned if tp not in paused)
 
     def _update_lag(self, consumer: Any) -> None:
         """Lag per partition = high watermark (from the last fetch response) - position. The broker's
         ListOffsets answer is not used: some Kafka-compatible brokers report a wrong end there."""
         gauge = self.container.metrics.consumer_lag
         for tp in self._assigned:
-            try:
-                high = consumer.highwater(tp)
-                pos = consumer.position(tp, timeout_ms=0) if high is not None else None
-            except Exception:
+            lag = _behind(consumer, tp)
+            if lag is None:
                 continue
-            if high is None or pos is None:
-                continue
-            lag = max(0, high - pos)
             self._lag[tp] = lag
             gauge.labels(tp.topic, str(tp.partition)).set(lag)
 
@@ -674,6 +659,19 @@ class KafkaIntake:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _behind(consumer: Any, tp: TopicPartition) -> int | None:
+    """Records of `tp` past the consumer's position, by the high watermark of the last fetch
+    response (None while either is unknown)."""
+    try:
+        high = consumer.highwater(tp)
+        pos = consumer.position(tp, timeout_ms=0) if high is not None else None
+    except Exception:
+        return None
+    if high is None or pos is None:
+        return None
+    return max(0, high - pos)
+
 
 def _send_error(future: Any) -> BaseException | None:
     if future is None:

@@ -22,6 +22,8 @@ PostgreSQL runs at its default READ COMMITTED isolation; races are settled by un
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 from decimal import Decimal
@@ -33,6 +35,8 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import StaticPool
 
 from esource.store.errors import StoreError
+
+log = logging.getLogger("esource.store")
 
 #: Execution option marking an engine (or connection) whose transactions only read.
 READ_ONLY_OPTION = "esource_read_only"
@@ -126,7 +130,7 @@ def make_engine(url: str | URL, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_M
                 f"SQLite {sqlite3.sqlite_version} is too old: esource needs {'.'.join(map(str, MIN_SQLITE))} "
                 "or later (INSERT ... ON CONFLICT ... RETURNING)"
             )
-        memory = u.database in (None, "", ":memory:") or (u.query.get("mode") == "memory")
+        memory = sqlite_file(u) is None
         if memory:
             engine_kwargs.setdefault("poolclass", StaticPool)
             connect_args = dict(engine_kwargs.pop("connect_args", {}))
@@ -138,7 +142,7 @@ def make_engine(url: str | URL, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_M
             engine_kwargs["connect_args"] = connect_args
         engine = create_engine(u, **engine_kwargs)
         _configure_sqlite(engine, busy_timeout_ms=busy_timeout_ms, wal=not memory,
-                          auto_checkpoint=not (background_checkpoint and not memory))
+                          auto_checkpoint=not background_checkpoint)
     else:
         raise StoreError(
             f"unsupported database {u.drivername!r}: esource stores data in SQLite (sqlite:///file.db) "
@@ -164,6 +168,14 @@ def make_engine(url: str | URL, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_M
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
     return engine
+
+
+def sqlite_file(url: URL) -> str | None:
+    """The file of a SQLite URL; None for an in-memory database (or a URL of another backend)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") \
+            or url.query.get("mode") == "memory":
+        return None
+    return url.database
 
 
 def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, wal: bool, auto_checkpoint: bool = True) -> None:
@@ -228,8 +240,6 @@ class WalCheckpointer:
     def checkpoint(self) -> tuple[int, int, int] | None:
         """One PASSIVE pass: (busy, frames in the WAL, frames checkpointed), None when the database
         file is gone."""
-        import os
-
         if not os.path.exists(self.path):
             return None
         db = sqlite3.connect(self.path, timeout=DEFAULT_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
@@ -242,9 +252,6 @@ class WalCheckpointer:
         return tuple(row) if row else None  # type: ignore[return-value]
 
     def _run(self) -> None:
-        import logging
-
-        log = logging.getLogger("esource.store")
         while True:
             stopping = self._stop.wait(self.interval)
             try:

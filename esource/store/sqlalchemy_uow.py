@@ -55,7 +55,7 @@ from esource.domain.ports import Clock, SentItem, StoredFact, SystemClock
 from esource.errors import EnrollmentError
 from esource.services.conflicts import previous_values_of
 from esource.store.bulk import executemany
-from esource.store.engine import READ_ONLY_OPTION, WalCheckpointer, make_engine
+from esource.store.engine import READ_ONLY_OPTION, WalCheckpointer, make_engine, sqlite_file
 from esource.store.errors import AmbiguousEnrollmentError, StoreConflictError, StoreError
 from esource.reconciliation.model import (
     DiscrepancyFilter,
@@ -1917,13 +1917,12 @@ class Store:
         **engine_kwargs: Any,
     ) -> None:
         self.url = make_url(url)
-        self._checkpointer: WalCheckpointer | None = None
-        path = self.url.database if self.url.get_backend_name() == "sqlite" else None
-        if path and path != ":memory:" and self.url.query.get("mode") != "memory":
-            engine_kwargs.setdefault("background_checkpoint", True)
-            if engine_kwargs["background_checkpoint"]:
-                self._checkpointer = WalCheckpointer(path).start()
+        path = sqlite_file(self.url)
+        engine_kwargs.setdefault("background_checkpoint", path is not None)
         self.engine: Engine = make_engine(self.url, **engine_kwargs)
+        self._checkpointer: WalCheckpointer | None = None
+        if path is not None and engine_kwargs["background_checkpoint"]:
+            self._checkpointer = WalCheckpointer(path).start()
         try:
             if migrate:
                 from esource.store.migrate import upgrade
