@@ -121,7 +121,8 @@ def enrollment_file(path: Path, subjects: int, day1: dt.date) -> None:
 
 
 class Rig:
-    def __init__(self, workdir: Path, database_url: str, kafka: str, subjects: int, day1: dt.date) -> None:
+    def __init__(self, workdir: Path, database_url: str, kafka: str, subjects: int, day1: dt.date,
+                 workers: int = 1) -> None:
         self.workdir, self.kafka = workdir, kafka
         self.edc_port, self.http_port = free_port(), free_port()
         self.edc = subprocess.Popen([str(BIN / "esource"), "sandbox-edc", "--port", str(self.edc_port), "--db",
@@ -132,7 +133,8 @@ class Rig:
                "enrollment_file": str(workdir / "enrollment.yaml"),
                "http": {"host": "127.0.0.1", "port": self.http_port},
                "kafka": {"bootstrap": kafka, "topics": [TOPIC], "group": f"bench-{uuid.uuid4().hex[:6]}",
-                         "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "max_poll_records": 500},
+                         "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "max_poll_records": 500,
+                         "workers": workers},
                "edc": {"connector": "sandbox", "url": f"http://127.0.0.1:{self.edc_port}"},
                "log": {"level": "WARNING", "json": True}}
         (workdir / "esource.yaml").write_text(json.dumps(cfg))
@@ -144,11 +146,19 @@ class Rig:
         wait_port(self.http_port, 60)
 
     def peak_memory_mb(self) -> float:
+        """The service's peak resident memory (VmHWM), its Kafka worker processes' added (kafka.workers)."""
         assert self.service is not None
-        for line in Path(f"/proc/{self.service.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        pid = self.service.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        pids = [pid, *(int(c) for c in (children.read_text().split() if children.exists() else []))]
+        total = 0.0
+        for p in pids:
+            try:
+                lines = Path(f"/proc/{p}/status").read_text().splitlines()
+            except OSError:
+                continue
+            total += next((int(line.split()[1]) / 1024 for line in lines if line.startswith("VmHWM:")), 0.0)
+        return total or float("nan")
 
     def transactions(self) -> list[dict]:
         return httpx.get(f"http://127.0.0.1:{self.edc_port}/studies/CV01/transactions", timeout=30).json()
@@ -238,7 +248,8 @@ def run(store_name: str, database_url: str, args: argparse.Namespace, kafka: str
     admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])
     admin.close()
     producer = KafkaProducer(bootstrap_servers=kafka, linger_ms=5, max_request_size=2 * 1024 * 1024)
-    rig = Rig(workdir, database_url, kafka, args.subjects, day1)
+    workers = args.pg_workers if store_name == "postgresql" else 1
+    rig = Rig(workdir, database_url, kafka, args.subjects, day1, workers)
     try:
         # 1. backlog drain
         for i in range(args.events):
@@ -254,7 +265,7 @@ def run(store_name: str, database_url: str, args: argparse.Namespace, kafka: str
         drain, whole = t_end - t_first, t_end - t0
         mem_drain = rig.peak_memory_mb()
         n_tx = len(rig.transactions())
-        print(f"[{store_name}] backlog: {args.events} events, {resources} resources -> {n_tx} EDC transactions; "
+        print(f"[{store_name}{f', {workers} Kafka workers' if workers > 1 else ''}] backlog: {args.events} events, {resources} resources -> {n_tx} EDC transactions; "
               f"drained in {drain:.1f} s from the consumer's first poll = {resources / drain:,.0f} resources/s; "
               f"{whole:.1f} s from the service's start = {resources / whole:,.0f} resources/s; peak memory "
               f"{mem_drain:.0f} MB")
@@ -308,6 +319,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0)
     ap.add_argument("--steady-seconds", type=float, default=20.0)
     ap.add_argument("--postgres", default=os.environ.get("ESOURCE_TEST_POSTGRES_DSN"))
+    ap.add_argument("--pg-workers", type=int, default=2,
+                    help="kafka.workers of the PostgreSQL run (consumer processes; SQLite runs with one)")
     args = ap.parse_args()
     kport = free_port()
     broker = start_tansu(kport)

@@ -70,6 +70,9 @@ class KafkaSettings(_Section):
     batch_linger_ms: int = Field(200, ge=0, le=10_000)
     poll_timeout_ms: int = Field(500, ge=10)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # consumer processes of the service (esource.services.kafka_workers): 1 = the consumer runs in the
+    # service process; more needs PostgreSQL (SQLite has one writer: workers would queue behind it)
+    workers: int = Field(1, ge=1, le=32)
 
     @field_validator("topics", mode="before")
     @classmethod
@@ -247,6 +250,9 @@ class Settings(BaseSettings):
                 raise ValueError("ESOURCE_PSEUDONYM_KEY must be set (at least 16 characters) outside demo mode")
             if self.database_url.startswith("sqlite://") and ":memory:" in self.database_url:
                 raise ValueError("an in-memory database loses every transaction on restart: not outside demo mode")
+        if self.kafka.workers > 1 and not self.database_url.startswith("postgresql"):
+            raise ValueError(f"kafka.workers is {self.kafka.workers}: more than one Kafka worker needs PostgreSQL "
+                             "(SQLite has one writer, the workers would only wait for each other)")
         self._check_edc()
         return self
 

@@ -33,16 +33,22 @@ class Background:
 
 
 def start_background(container: Container, *, kafka: bool = True, poll_interval: float = 0.2) -> Background:
-    """The dispatcher thread, and the Kafka consumer when kafka.bootstrap is set."""
+    """The dispatcher thread, and the Kafka consumer when kafka.bootstrap is set (in this process, or
+    `kafka.workers` consumer processes: esource.services.kafka_workers)."""
     bg = Background()
     t = threading.Thread(target=container.dispatcher.run_forever, args=(bg.stop,),
                          kwargs={"poll_interval": poll_interval}, name="esource-dispatcher", daemon=True)
     t.start()
     bg.threads.append(t)
     if kafka and container.settings.kafka.bootstrap:
-        from esource.adapters.kafka import KafkaIntake
+        if container.settings.kafka.workers > 1:
+            from esource.services.kafka_workers import KafkaWorkerPool
 
-        bg.kafka = KafkaIntake(container, container.settings.kafka)
+            bg.kafka = KafkaWorkerPool(container, container.settings.kafka.workers)
+        else:
+            from esource.adapters.kafka import KafkaIntake
+
+            bg.kafka = KafkaIntake(container, container.settings.kafka)
         container.extras["kafka"] = bg.kafka
         bg.kafka.start()
     return bg

@@ -256,6 +256,7 @@ def test_esource_service() -> None:
         "ESOURCE_KAFKA_TOPICS": UPDATES_TOPIC,
         "ESOURCE_KAFKA_DLQ_TOPIC": DLQ_TOPIC,
         "ESOURCE_KAFKA_GROUP": "esource",
+        "ESOURCE_KAFKA__WORKERS": "2",
         "ESOURCE_AUTH_SECRET": "${ESOURCE_AUTH_SECRET:?set ESOURCE_AUTH_SECRET}",
         "ESOURCE_PSEUDONYM_KEY": "${ESOURCE_PSEUDONYM_KEY:?set ESOURCE_PSEUDONYM_KEY}",
         "ESOURCE_EDC_URL": "http://sandbox-edc:8090",
@@ -336,6 +337,7 @@ def test_settings_file_with_the_compose_environment(monkeypatch: pytest.MonkeyPa
     assert settings.kafka.dlq_topic == DLQ_TOPIC
     assert (settings.kafka.session_timeout_ms, settings.kafka.heartbeat_interval_ms) == (10000, 3000)
     assert settings.kafka.max_message_bytes == 10485760
+    assert settings.kafka.workers == 2  # two consumer processes: PostgreSQL allows it
     assert (settings.edc.connector, settings.edc.url) == ("sandbox", "http://sandbox-edc:8090")
     assert settings.log.level == "INFO" and settings.log.json_logs is True
     assert settings.auth_secret is not None
