@@ -61,6 +61,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
 
 
 @pytest.fixture
+def clean_esource_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ESOURCE_* variable of the developer's shell reaches the settings under test (the test
+    database's DSN stays)."""
+    for k in list(os.environ):
+        if k.startswith("ESOURCE_") and k != POSTGRES_DSN_ENV:
+            monkeypatch.delenv(k)
+
+
+@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 

@@ -21,13 +21,7 @@ from esource.store.edc_key_map import SqlEdcKeyMap
 TOKEN32 = "0123456789ABCDEF0123456789ABCDEF"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    import os
-
-    for k in list(os.environ):
-        if k.startswith("ESOURCE_") and k != "ESOURCE_TEST_POSTGRES_DSN":
-            monkeypatch.delenv(k)
+pytestmark = pytest.mark.usefixtures("clean_esource_env")
 
 
 def settings(**edc):

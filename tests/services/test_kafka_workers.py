@@ -29,11 +29,7 @@ from esource.settings import Settings, load_settings
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for k in list(os.environ):
-        if k.startswith("ESOURCE_") and k != "ESOURCE_TEST_POSTGRES_DSN":
-            monkeypatch.delenv(k)
+pytestmark = pytest.mark.usefixtures("clean_esource_env")
 
 
 def test_more_than_one_worker_needs_postgresql():

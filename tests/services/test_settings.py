@@ -12,13 +12,7 @@ from esource.settings import load_settings
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "esource.example.yaml"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    import os
-
-    for k in list(os.environ):
-        if k.startswith("ESOURCE_") and k != "ESOURCE_TEST_POSTGRES_DSN":
-            monkeypatch.delenv(k)
+pytestmark = pytest.mark.usefixtures("clean_esource_env")
 
 
 def test_production_refuses_to_start_without_secrets(monkeypatch):
