@@ -149,8 +149,12 @@ class Rig:
         """The service's peak resident memory (VmHWM), its Kafka worker processes' added (kafka.workers)."""
         assert self.service is not None
         pid = self.service.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children")
-        pids = [pid, *(int(c) for c in (children.read_text().split() if children.exists() else []))]
+        pids = [pid]
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):  # a restarted worker's parent is a thread
+            try:
+                pids += [int(c) for c in children.read_text().split()]
+            except OSError:
+                pass
         total = 0.0
         for p in pids:
             try:

@@ -53,7 +53,7 @@ from pydantic import SecretStr
 if TYPE_CHECKING:
     from esource.bootstrap import Container
     from esource.observability import Metrics
-    from esource.settings import Settings
+    from esource.settings import KafkaSettings, Settings
 
 log = logging.getLogger("esource.kafka")
 
@@ -63,6 +63,12 @@ TICK_S = 0.5
 FORWARDED_COUNTERS = ("messages", "resources", "items_mapped", "discrepancies", "dead_letters",
                       "dropped_not_enrolled")
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0
+
+
+def leave_stagger(kafka: KafkaSettings) -> float:
+    """Seconds between two workers' leaving the group (and before a dead worker's restart): the
+    session timeout + 1 s, time for the broker to settle the group without the one that left."""
+    return kafka.session_timeout_ms / 1000.0 + 1.0
 
 
 def settings_payload(settings: Settings) -> dict[str, Any]:
@@ -105,17 +111,16 @@ class KafkaWorkerPool:
     report into the service's metrics and wakes its dispatcher. Stands where a `KafkaIntake` stands
     in the service (`start`, `stop`, `ready`)."""
 
-    def __init__(self, container: Container, count: int, *,
-                 command: list[str] | None = None, on_outbox: Callable[[], Any] | None = None) -> None:
+    def __init__(self, container: Container, count: int, *, command: list[str] | None = None) -> None:
         if count < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.container = container
         self.metrics: Metrics = container.metrics
         self.count = count
         self.command = command or [sys.executable, "-m", "esource.services.kafka_workers"]
-        self.on_outbox = on_outbox if on_outbox is not None else getattr(container.dispatcher, "wake", None)
+        self.on_outbox: Callable[[], Any] | None = getattr(container.dispatcher, "wake", None)
         self._settings = settings_payload(container.settings)
-        self.stagger = container.settings.kafka.session_timeout_ms / 1000.0 + 1.0
+        self.stagger = leave_stagger(container.settings.kafka)
         self._workers = [_Worker(i) for i in range(count)]
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -220,8 +225,9 @@ class KafkaWorkerPool:
         if "counters" in msg:
             apply_counters(self.metrics, msg["counters"])
         if "lag" in msg:
+            lag = parse_lag(msg["lag"])
             with self._lock:
-                w.lag = {(str(t), str(p)): float(v) for t, p, v in msg["lag"]}
+                w.lag = lag
             self._publish_lag()
         if "ready" in msg:
             with self._lock:
@@ -257,6 +263,19 @@ def apply_counters(metrics: Metrics, counters: list[Any]) -> None:
             continue
         metric = getattr(metrics, name)
         (metric.labels(**labels) if labels else metric).inc(delta)
+
+
+def parse_lag(entries: Any) -> dict[tuple[str, str], float]:
+    """A worker's lag report as {(topic, partition): lag}; malformed entries are skipped, as in
+    `apply_counters`."""
+    out: dict[tuple[str, str], float] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        try:
+            topic, partition, value = entry
+            out[(str(topic), str(partition))] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _terminate(proc: subprocess.Popen) -> None:
@@ -351,7 +370,7 @@ def worker_main() -> int:
         while not stop.wait(TICK_S):
             tick()
         # one after the other (module docstring): worker k leaves k staggers later, as a settled member
-        stagger = settings.kafka.session_timeout_ms / 1000.0 + 1.0
+        stagger = leave_stagger(settings.kafka)
         turn = time.monotonic() + index * stagger
         give_up = turn + 4 * stagger
         while index and time.monotonic() < give_up and (time.monotonic() < turn or not intake.ready()):

@@ -22,6 +22,7 @@ from esource.services.kafka_workers import (
     KafkaWorkerPool,
     apply_counters,
     lag_samples,
+    parse_lag,
     settings_payload,
 )
 from esource.settings import Settings, load_settings
@@ -93,6 +94,9 @@ def test_counter_deltas_carry_what_moved_since_the_last_tick_into_the_services_m
     assert value("esource_outbox_depth", {"status": "pending"}) is None
     worker.consumer_lag.labels("t", "0").set(7)
     assert lag_samples(worker) == [["t", "0", 7.0]]
+    assert parse_lag(json.loads(json.dumps(lag_samples(worker)))) == {("t", "0"): 7.0}
+    assert parse_lag([["t", "1", "x"], ["t", "2"], "junk", ["t", 3, 4]]) == {("t", "3"): 4.0}
+    assert parse_lag("junk") == {}
 
 
 # a stand-in worker speaking the pipe protocol (the pool under test is the real one): it notes its pid
